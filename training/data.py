@@ -26,6 +26,9 @@ from typing import Any, Iterable
 from training.manifest import DEFAULT_SYSTEM_PROMPT, atomic_write_text, sha256_file
 
 PROVENANCE_KEYS = ("focus", "question_type", "section", "url")
+# MedicationQA's headers; any spreadsheet of questions and answers works with its own mapping.
+DEFAULT_COLUMNS = {"question": "Question", "answer": "Answer", "focus": "Focus (Drug)",
+                   "question_type": "Question Type", "section": "Section Title", "url": "URL"}
 
 
 class DataError(ValueError):
@@ -81,7 +84,7 @@ def read_spreadsheet(path: str | os.PathLike, sheet: str = "DrugQA",
     """Read question/answer rows with openpyxl. Returns (conversations, problems)."""
     import openpyxl
 
-    columns = columns or {"question": "Question", "answer": "Answer"}
+    columns = columns or DEFAULT_COLUMNS
     path = Path(path)
     try:
         wb = openpyxl.load_workbook(path, read_only=True, data_only=True)

@@ -196,6 +196,9 @@ class PackedCollator:
         batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if self.packed:
             batch["position_ids"] = torch.tensor(pos)
+            # transformers only derives the block-diagonal mask when no KV cache is in play;
+            # with a cache it silently falls back to plain causal attention across samples.
+            batch["use_cache"] = False
         else:
             batch["attention_mask"] = torch.tensor(mask)
         return batch

@@ -1,0 +1,157 @@
+"""Data readers, provenance, the leakage-free split, and every bad-input error."""
+
+import collections
+import json
+
+import openpyxl
+import pytest
+
+from training.data import (DataError, collect, load_conversations, main as data_main,
+                           normalize_question, split_conversations, write_jsonl)
+
+
+def _xlsx(path, rows, sheet="DrugQA", header=("Question", "Focus (Drug)", "Question Type",
+                                               "Answer", "Section Title", "URL")):
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.title = sheet
+    ws.append(list(header))
+    for r in rows:
+        ws.append(list(r))
+    wb.save(path)
+    return path
+
+
+GOOD = ("what is aspirin for", "aspirin", "Indication", "pain and fever", "Uses", "http://x/a")
+
+
+def test_spreadsheet_loads_with_provenance(spreadsheet):
+    convs = load_conversations(spreadsheet)
+    assert len(convs) == 690
+    c = convs[0]
+    assert [m["role"] for m in c.messages] == ["system", "user", "assistant"]
+    assert c.meta["row"] == 2 and c.meta["focus"] == "rivastigmine"
+    assert c.meta["question_type"] == "Interaction"
+    assert c.meta["url"].startswith("https://medlineplus.gov/")
+
+
+def test_split_is_stable_leak_free_and_stratified(spreadsheet):
+    convs = load_conversations(spreadsheet)
+    a = split_conversations(convs, test_size=0.3, seed=7)
+    b = split_conversations(convs, test_size=0.3, seed=7)
+    c = split_conversations(convs, test_size=0.3, seed=8)
+    key = lambda s: [x.meta["row"] for x in s.test]  # noqa: E731
+    assert key(a) == key(b) and key(a) != key(c)
+    assert len(a.train) + len(a.test) == 690
+    assert abs(len(a.test) / 690 - 0.3) < 0.02
+    train_q = {normalize_question(x.question) for x in a.train}
+    test_q = {normalize_question(x.question) for x in a.test}
+    assert not train_q & test_q
+    # the spreadsheet really has repeated questions, so the grouping matters
+    assert len(convs) - len({x.question for x in convs}) == 39  # exact repeats
+    # normalising case/spacing/punctuation finds more near-repeats, all kept on one side
+    assert len(convs) - len({normalize_question(x.question) for x in convs}) > 39
+    # stratified: every question type with >= 10 samples is ~30% test
+    by_type = collections.Counter(x.meta["question_type"] for x in convs)
+    test_type = collections.Counter(x.meta["question_type"] for x in a.test)
+    for qt, n in by_type.items():
+        if n >= 10:
+            assert 0.15 <= test_type[qt] / n <= 0.45, qt
+
+
+def test_validation_part(spreadsheet):
+    s = split_conversations(load_conversations(spreadsheet), test_size=0.2, val_size=0.1, seed=1)
+    assert abs(len(s.val) / 690 - 0.1) < 0.02
+    parts = [{normalize_question(x.question) for x in p} for p in (s.train, s.test, s.val)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+
+
+def test_tutorial_json_arrays_load(xtuner_dir):
+    train = load_conversations(xtuner_dir / "MedQA2019-structured-train.json")
+    test = load_conversations(xtuner_dir / "MedQA2019-structured-test.json")
+    assert len(train) + len(test) == 690
+    assert train[0].messages[0]["content"].startswith("You are a professional")
+
+
+def test_jsonl_forms(tmp_path):
+    p = tmp_path / "mixed.jsonl"
+    recs = [
+        {"conversation": [{"system": "S", "input": "q1", "output": "a1"},
+                          {"input": "q2", "output": "a2"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"instruction": "Explain", "input": "dose", "output": "take one"},
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    convs = load_conversations(p)
+    assert [m["role"] for m in convs[0].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert convs[1].messages[0]["role"] == "system"  # default system prompt added
+    assert convs[2].messages[1]["content"] == "Explain\n\ndose"
+
+
+def test_write_jsonl_roundtrip_keeps_provenance(tmp_path):
+    x = _xlsx(tmp_path / "a.xlsx", [GOOD])
+    convs = load_conversations(x)
+    out = write_jsonl(convs, tmp_path / "o.jsonl")
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["conversation"][0]["input"] == "what is aspirin for"
+    assert rec["meta"]["row"] == 2 and rec["meta"]["url"] == "http://x/a"
+    assert load_conversations(out)[0].messages == convs[0].messages
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing_file", "no such file"),
+    ("wrong_sheet", "no sheet 'DrugQA'"),
+    ("missing_column", "missing column 'Answer'"),
+    ("empty_question", "row 3, column 'Question': empty question"),
+    ("empty_answer", "row 2, column 'Answer': empty answer"),
+    ("non_text", "row 2, column 'Answer': int cell"),
+    ("broken_json", "line 2: invalid JSON"),
+    ("unknown_format", "line 1: unknown format"),
+    ("empty_dataset", "the dataset is empty"),
+])
+def test_bad_inputs_name_file_and_row(tmp_path, case, needle):
+    if case == "missing_file":
+        path = tmp_path / "nope.xlsx"
+    elif case == "wrong_sheet":
+        path = _xlsx(tmp_path / "a.xlsx", [GOOD], sheet="Sheet1")
+    elif case == "missing_column":
+        path = _xlsx(tmp_path / "a.xlsx", [GOOD[:3]], header=("Question", "Focus (Drug)", "Question Type"))
+    elif case == "empty_question":
+        path = _xlsx(tmp_path / "a.xlsx", [GOOD, ("  ",) + GOOD[1:]])
+    elif case == "empty_answer":
+        path = _xlsx(tmp_path / "a.xlsx", [GOOD[:3] + ("",) + GOOD[4:]])
+    elif case == "non_text":
+        path = _xlsx(tmp_path / "a.xlsx", [GOOD[:3] + (42,) + GOOD[4:]])
+    elif case == "broken_json":
+        path = tmp_path / "a.jsonl"
+        path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", \n')
+    elif case == "unknown_format":
+        path = tmp_path / "a.jsonl"
+        path.write_text('{"q": "a", "a": "b"}\n')
+    else:
+        path = tmp_path / "a.jsonl"
+        path.write_text("\n\n")
+    with pytest.raises(DataError) as e:
+        load_conversations(path)
+    assert needle in str(e.value)
+    if case not in ("missing_file", "empty_dataset"):
+        assert str(path) in str(e.value)
+
+
+def test_check_lists_every_problem(tmp_path, capsys):
+    path = _xlsx(tmp_path / "a.xlsx", [GOOD, ("",) + GOOD[1:], GOOD[:3] + (3.5,) + GOOD[4:]])
+    convs, problems = collect(path)
+    assert len(convs) == 1 and len(problems) == 2
+    assert data_main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "row 3" in out and "row 4" in out and "1 usable" in out
+
+
+def test_failed_convert_leaves_no_output(tmp_path):
+    bad = tmp_path / "a.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
+    out = tmp_path / "out.jsonl"
+    assert data_main(["convert", str(bad), "-o", str(out)]) == 2
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

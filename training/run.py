@@ -1,0 +1,459 @@
+"""Fine-tune a chat model on question/answer data: setup -> train -> save.
+
+    python -m training.run                                  # default preset (cpu-smollm2)
+    python -m training.run --preset qwen2.5-7b-qlora        # a GPU recipe
+    python -m training.run --set lora.r=32 --set train.epochs=2 --name my-run
+    python -m training.run --resume                         # continue from the last checkpoint
+    python -m training.run list-presets | copy-preset NAME FILE | show-config
+    python -m training.run check-dataset FILE               # every problem, with file and row/line
+    python -m training.run log-dataset FILE [-n 3]          # samples as rendered, trained tokens in [[..]]
+
+More than one GPU: the same entry and the same ZeRO-2 config run data-parallel under
+`torchrun --nproc_per_node N -m training.run ...` (or `deepspeed --num_gpus N -m training.run`).
+
+Output: runs/<name>/ with adapter/ (PEFT safetensors), medchat.json, data/ (the split),
+logs/ (loss.jsonl + TensorBoard events), checkpoints/ (for --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.config import (DEEPSPEED_DIR, DEFAULT_PRESET, ConfigError, TrainConfig, build_config,
+                             copy_preset, describe, dump_yaml, list_presets)
+from training.data import DataError, dataset_info, load_conversations, split_conversations, write_jsonl
+from training.manifest import (BaseModelRef, Manifest, hash_weights, runs_root, save_manifest,
+                               staged_dir)
+
+log = logging.getLogger("training.run")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers: one process by default, N under torchrun / the deepspeed launcher.
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_dist_env() -> None:
+    """DeepSpeed always initialises torch.distributed; give a lone process a 1-rank world."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def say(*args: Any) -> None:
+    if is_main():
+        print(*args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class Prepared:
+    cfg: TrainConfig
+    run_dir: Path
+    base_path: Path
+    base_ref: BaseModelRef
+    tokenizer: Any
+    train_rows: list[dict]
+    test: list
+    split_sizes: dict[str, int]
+    data_stats: dict[str, Any]
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Prepared:
+    """Data -> split files -> tokenizer -> encoded (packed) training rows."""
+    from transformers import AutoTokenizer
+
+    from training.base_model import resolve_base_model
+    from training.encode import encode_all, ensure_chat_template, pack, padding_share
+
+    run_dir = runs_root(cfg.runs_dir) / cfg.name
+    if (run_dir / "adapter").exists() and not (resume or overwrite):
+        raise ConfigError(f"name: run folder {run_dir} already holds an adapter; pick another "
+                          "--name, or pass --resume to continue it or --overwrite to replace it")
+    d = cfg.data
+    convs = load_conversations(d.path, d.format, d.sheet, d.columns, d.system_prompt)
+    split = split_conversations(convs, d.test_size, d.val_size, d.seed, d.stratify)
+    if not split.train:
+        raise DataError(f"{d.path}: the training split is empty ({len(convs)} samples); "
+                        "add data or lower data.test_size")
+    if is_main():
+        for part, items in (("train", split.train), ("test", split.test), ("val", split.val)):
+            if items:
+                write_jsonl(items, run_dir / "data" / f"{part}.jsonl")
+    say(f"Data: {len(convs)} samples from {d.path} -> split {split.sizes()} (seed {d.seed}, "
+        f"stratified by {d.stratify}, no question on two sides)")
+
+    resolved = resolve_base_model(cfg.model.name, cfg.model.revision)
+    tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
+    ensure_chat_template(tok)
+    rows, stats = encode_all(tok, split.train, d.max_length, d.truncation)
+    if not rows:
+        raise DataError(f"{d.path}: no training sample fits data.max_length={d.max_length}")
+    lengths = [len(r["input_ids"]) for r in rows]
+    per_batch = cfg.train.batch_size
+    data_stats = {
+        "train_samples": len(rows), "truncated": stats.truncated, "dropped": stats.dropped,
+        "train_tokens": stats.tokens, "trained_tokens": stats.trained_tokens,
+        "truncation": d.truncation, "max_length": d.max_length,
+        "padding_share_unpacked": round(padding_share(lengths, batch_size=max(per_batch, 4)), 4),
+        "padding_share_unpacked_batch": max(per_batch, 4),
+    }
+    if d.pack:
+        rows = pack(rows, d.max_length, seed=cfg.train.seed)
+        plen = [len(r["input_ids"]) for r in rows]
+        data_stats.update(packed_rows=len(rows),
+                          padding_share_packed=round(padding_share(plen, batch_size=per_batch), 4))
+    say(f"Encoded {len(lengths)} samples, {stats.tokens} tokens ({stats.trained_tokens} trained), "
+        f"{stats.truncated} truncated, {stats.dropped} dropped; padding "
+        f"{data_stats['padding_share_unpacked']:.1%} unpacked (batch {data_stats['padding_share_unpacked_batch']})"
+        + (f" vs {data_stats['padding_share_packed']:.1%} packed into {len(rows)} rows" if d.pack else ""))
+    base_ref = BaseModelRef(
+        name=cfg.model.name, revision=cfg.model.revision, local_path=str(resolved.path),
+        hub_id=resolved.hub_id,
+        content_hash=hash_weights(resolved.path) if resolved.source == "local" else None)
+    if resolved.source == "gguf-fallback":
+        base_ref.revision = "gguf-q4_1-dequantized"
+    return Prepared(cfg, run_dir, resolved.path, base_ref, tok, rows, split.test,
+                    split.sizes(), data_stats)
+
+
+def load_model(cfg: TrainConfig, base_path: Path):
+    """Base model (NF4 when QLoRA) + LoRA adapter, ready for training."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    dtype = torch_dtype(m.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": m.attn_implementation,
+                              "trust_remote_code": m.trust_remote_code}
+    if m.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=m.double_quant,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if m.quantization == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=m.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lc = cfg.lora
+    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                          target_modules=lc.target_modules, modules_to_save=lc.modules_to_save,
+                          task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict | None:
+    if not cfg.train.deepspeed:
+        return None
+    path = DEEPSPEED_DIR / "zero2.json" if cfg.train.deepspeed == "zero2" else Path(cfg.train.deepspeed)
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+
+
+def _callbacks(run_dir: Path):
+    from transformers import TrainerCallback
+
+    class LossLog(TrainerCallback):
+        """Per-step loss to logs/loss.jsonl and TensorBoard events under logs/."""
+
+        def __init__(self):
+            self.writer = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                from torch.utils.tensorboard import SummaryWriter
+
+                (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+                self.writer = SummaryWriter(log_dir=str(run_dir / "logs"))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+            with open(run_dir / "logs" / "loss.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            for k, v in logs.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"train/{k}", v, state.global_step)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.writer:
+                self.writer.close()
+
+    return [LossLog()]
+
+
+def train(prep: Prepared, resume: bool = False) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from training.encode import PackedCollator
+
+    cfg, t = prep.cfg, prep.cfg.train
+    set_seed(t.seed)
+    ds_cfg = deepspeed_config(cfg)
+    if ds_cfg is not None:
+        ensure_dist_env()
+    model = load_model(cfg, prep.base_path)
+    if is_main():
+        model.print_trainable_parameters()
+    bf16 = torch_dtype(cfg.model.dtype) == torch.bfloat16
+    args = TrainingArguments(
+        output_dir=str(prep.run_dir / "checkpoints"),
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        bf16=bf16, fp16=torch_dtype(cfg.model.dtype) == torch.float16,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, seed=t.seed, data_seed=t.seed,
+        deepspeed=ds_cfg, report_to="none", remove_unused_columns=False,
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False, disable_tqdm=not is_main(),
+        gradient_checkpointing=False,  # already enabled (with the kbit preparation) in load_model
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=prep.train_rows,
+                      data_collator=PackedCollator(prep.tokenizer.pad_token_id, packed=cfg.data.pack),
+                      callbacks=_callbacks(prep.run_dir))
+    ckpt_dir = prep.run_dir / "checkpoints"
+    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*"))
+    if resume and not has_ckpt:
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    wall = time.time() - t0
+    steps_done = trainer.state.global_step
+    real_tokens = sum(len(r["input_ids"]) for r in prep.train_rows) * (
+        t.epochs if t.max_steps <= 0 else min(1.0, steps_done * t.batch_size * t.grad_accum
+                                              * int(os.environ.get("WORLD_SIZE", "1")) / len(prep.train_rows)))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    stats = {
+        "steps": steps_done, "wall_seconds": round(wall, 1),
+        "train_runtime": round(result.metrics.get("train_runtime", wall), 1),
+        "tokens_per_second": round(real_tokens / max(result.metrics.get("train_runtime", wall), 1e-9), 1),
+        "train_loss": round(result.metrics.get("train_loss", float("nan")), 4),
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+    return trainer, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def save(prep: Prepared, model, train_stats: dict[str, Any], metrics: dict[str, Any]) -> Path:
+    """adapter/ (PEFT format, safetensors) and medchat.json, both written atomically."""
+    cfg, tok = prep.cfg, prep.tokenizer
+    with staged_dir(prep.run_dir / "adapter", overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)  # the adapter folder alone is enough to chat with
+    gen = {"max_new_tokens": 256, "temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
+    d = prep.cfg.data
+    files = {p: f"data/{p}.jsonl" for p, n in prep.split_sizes.items() if n}
+    manifest = Manifest(
+        name=cfg.name, base_model=prep.base_ref, chat_template=tok.chat_template,
+        system_prompt=d.system_prompt or _system_prompt_default(),
+        eos_tokens=[tok.eos_token] if tok.eos_token else [], generation=gen,
+        dataset={**dataset_info(d.path), "seed": d.seed, "test_size": d.test_size,
+                 "val_size": d.val_size, "stratify": d.stratify, "sizes": prep.split_sizes,
+                 "files": files, **prep.data_stats},
+        training={"config": cfg.to_dict(), **train_stats}, metrics=metrics, kind="adapter")
+    save_manifest(prep.run_dir, manifest)
+    return prep.run_dir
+
+
+def _system_prompt_default() -> str:
+    from training.manifest import DEFAULT_SYSTEM_PROMPT
+
+    return DEFAULT_SYSTEM_PROMPT
+
+
+def held_out_losses(prep: Prepared, model) -> dict[str, Any]:
+    """Test loss of the base (adapter disabled) and of the fine-tuned model, same tokens."""
+    from training.evaluate import test_loss
+
+    t = prep.cfg.train
+    convs = prep.test[: t.eval_max_samples] if t.eval_max_samples else prep.test
+    if not convs:
+        return {}
+    with model.disable_adapter():
+        base = test_loss(model, prep.tokenizer, convs, prep.cfg.data.max_length, desc="Test loss (base)")
+    tuned = test_loss(model, prep.tokenizer, convs, prep.cfg.data.max_length, desc="Test loss (fine-tuned)")
+    return {"test_loss_base": round(base["loss"], 4), "test_loss_finetuned": round(tuned["loss"], 4),
+            "test_ppl_base": round(base["perplexity"], 3), "test_ppl_finetuned": round(tuned["perplexity"], 3),
+            "test_tokens": tuned["tokens"], "test_samples": tuned["samples"]}
+
+
+def summary(prep: Prepared, stats: dict[str, Any], metrics: dict[str, Any]) -> str:
+    d = prep.data_stats
+    lines = [
+        "", "=" * 64, f" medchat run '{prep.cfg.name}' finished -> {prep.run_dir}", "=" * 64,
+        f" base model      {prep.cfg.model.name} ({prep.cfg.model.quantization}, LoRA r={prep.cfg.lora.r})",
+        f" data            {prep.split_sizes} ; {d['train_tokens']} train tokens, "
+        f"{d['truncated']} truncated, {d['dropped']} dropped",
+        f" padding         {d['padding_share_unpacked']:.1%} unpacked -> "
+        + (f"{d['padding_share_packed']:.1%} packed ({d['packed_rows']} rows)" if "packed_rows" in d else "packing off"),
+        f" steps           {stats['steps']} in {stats['train_runtime']:.0f}s "
+        f"({stats['tokens_per_second']:.0f} tokens/s, world size {stats['world_size']})",
+        f" train loss      {stats['first_loss']} (first step) -> {stats['last_loss']} (last), mean {stats['train_loss']}",
+    ]
+    if metrics:
+        lines.append(f" test loss       base {metrics['test_loss_base']:.4f} -> fine-tuned "
+                     f"{metrics['test_loss_finetuned']:.4f} ({metrics['test_samples']} held-out samples)")
+    lines += [f" adapter         {prep.run_dir / 'adapter'}",
+              f" next            medchat merge {prep.run_dir} ; medchat evaluate {prep.run_dir} ; python launch.py",
+              "=" * 64]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _log_dataset(path: str, n: int, model: str, max_length: int) -> int:
+    from transformers import AutoTokenizer
+
+    from training.base_model import resolve_base_model
+    from training.encode import check_prompt_alignment, ensure_chat_template, render_marked
+
+    convs = load_conversations(path)
+    tok = AutoTokenizer.from_pretrained(resolve_base_model(model).path)
+    ensure_chat_template(tok)
+    for c in convs[:n]:
+        print(f"--- {c.meta.get('source')} row {c.meta.get('row')} "
+              f"({c.meta.get('question_type', '')}) --- trained tokens in [[ ]]")
+        print(render_marked(tok, c.messages, max_length))
+        align = check_prompt_alignment(tok, c.messages)
+        print(f"--- chat prompt == training prefix (token ids): {align['ok']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m training.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", nargs="?", default="train",
+                    choices=["train", "list-presets", "copy-preset", "show-config", "fields",
+                             "check-dataset", "log-dataset"])
+    ap.add_argument("args", nargs="*", help="copy-preset: NAME FILE; check/log-dataset: FILE")
+    ap.add_argument("--preset", "--config", dest="preset", default=DEFAULT_PRESET,
+                    help="preset name (list-presets) or a YAML file")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a config field, e.g. --set lora.r=16 (repeatable)")
+    ap.add_argument("--data", help="shortcut for --set data.path=...")
+    ap.add_argument("--name", help="shortcut for --set name=...")
+    ap.add_argument("--runs", help="runs root (default $MEDCHAT_RUNS or ./runs)")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing run's adapter")
+    ap.add_argument("-n", type=int, default=3, help="log-dataset: samples to show")
+    ap.add_argument("--model", default=None, help="log-dataset: tokenizer of this model")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        if a.command == "list-presets":
+            for name, desc in list_presets().items():
+                print(f"{name:24s} {desc}")
+            return 0
+        if a.command == "copy-preset":
+            if len(a.args) != 2:
+                ap.error("copy-preset needs NAME FILE")
+            print(f"wrote {copy_preset(a.args[0], a.args[1])}; run it with --preset {a.args[1]}")
+            return 0
+        if a.command == "fields":
+            print("\n".join(describe()))
+            return 0
+        if a.command in ("check-dataset", "log-dataset"):
+            if len(a.args) != 1:
+                ap.error(f"{a.command} needs FILE")
+            if a.command == "check-dataset":
+                from training.data import main as data_main
+
+                return data_main(["check", a.args[0]])
+            return _log_dataset(a.args[0], a.n, a.model or build_config(a.preset).model.name,
+                                build_config(a.preset).data.max_length)
+        overrides = list(a.overrides)
+        if a.data:
+            overrides.append(f"data.path={a.data}")
+        if a.name:
+            overrides.append(f"name={a.name}")
+        if a.runs:
+            overrides.append(f"runs_dir={a.runs}")
+        cfg = build_config(a.preset, overrides)
+        if a.command == "show-config":
+            print(dump_yaml(cfg), end="")
+            return 0
+        prep = prepare(cfg, resume=a.resume, overwrite=a.overwrite)
+        trainer, stats = train(prep, resume=a.resume)
+        if not is_main():
+            return 0
+        model = trainer.model
+        metrics = held_out_losses(prep, model) if cfg.train.eval_test_loss else {}
+        save(prep, model, stats, metrics)
+        print(summary(prep, stats, metrics), file=sys.stderr)
+        return 0
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a missing base model, etc.: one clear line, not a traceback
+        from training.base_model import BaseModelError
+
+        if isinstance(e, BaseModelError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

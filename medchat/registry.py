@@ -1,0 +1,288 @@
+"""What can be chatted with: the base model, every adapter and every merged model in the runs
+folder, read from their manifests (DESIGN.md, "the one contract: a run folder").
+
+Entry ids are stable strings that the app and the API use as the model name:
+
+    base              the base model the engine keeps in memory
+    adapter:<run>     runs/<run>/adapter/  (LoRA, attached to its base by name)
+    merged:<run>      runs/<run>/merged/   (a full model: merged locally or pulled from the Hub)
+
+Only ids listed here can be served: the engine looks every request up in the registry, so a
+crafted request cannot make the server load an arbitrary path. Repos pulled from the Hub
+(`hub.pull`) land in the runs folder and appear here like local runs after `refresh()`.
+
+    python -m medchat.registry [--runs DIR]     # list what the app would offer
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.base_model import DEFAULT_BASE_MODEL
+from training.manifest import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, Manifest, ManifestError,
+                               list_runs, load_manifest, runs_root)
+
+log = logging.getLogger(__name__)
+
+BASE_ID = "base"
+KINDS = ("base", "adapter", "merged")
+
+
+class UnknownModelError(KeyError):
+    """A request named a model the registry does not list."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One thing the app can chat with."""
+
+    id: str  # stable name used by the app and the API: base | adapter:<run> | merged:<run>
+    kind: str  # base | adapter | merged
+    path: Path | None  # model folder (base, merged) or adapter folder; None: base not resolved yet
+    base: BaseModelRef  # the base model (for a merged model: what it was merged from)
+    run: str | None = None  # run folder name
+    run_dir: Path | None = None
+    chat_template: str | None = None  # None: the tokenizer's own template
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    eos_tokens: tuple[str, ...] = ()
+    generation: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    score: str | None = None  # short eval summary, e.g. "ROUGE-L 0.31 · ppl 9.8"
+    source: str | None = None  # e.g. the Hub repo a pulled run came from
+
+    @property
+    def label(self) -> str:
+        """Dropdown text: kind, name, base model and eval score when known."""
+        base = short_name(self.base.hub_id or self.base.name)
+        if self.kind == "base":
+            text = f"base · {base}"
+        else:
+            text = f"{self.kind} · {self.run} (base {base})"
+        if self.score:
+            text += f" · {self.score}"
+        return text
+
+
+def short_name(name: str) -> str:
+    """'HuggingFaceTB/SmolLM2-135M-Instruct' -> 'SmolLM2-135M-Instruct'; folders by last part."""
+    return Path(str(name).rstrip("/")).name or str(name)
+
+
+# Metric keys as the evaluation stage may write them, best first; (key, display name, digits).
+_QUALITY_KEYS = [("rougeL", "ROUGE-L", 3), ("rouge_l", "ROUGE-L", 3), ("rougeLsum", "ROUGE-L", 3),
+                 ("bleu", "BLEU", 1), ("sacrebleu", "BLEU", 1)]
+_PPL_KEYS = [("perplexity", "ppl", 2), ("test_perplexity", "ppl", 2), ("eval_perplexity", "ppl", 2)]
+_LOSS_KEYS = [("test_loss", "loss", 3), ("eval_loss", "loss", 3), ("loss", "loss", 3)]
+
+
+def summarize_metrics(metrics: dict[str, Any], kind: str) -> str | None:
+    """A short score for the dropdown from eval.json / manifest metrics, or None.
+
+    Tolerates a flat dict or one keyed by model ({"base": {...}, "adapter": {...}}), since the
+    evaluation stage may report several models side by side."""
+    if not isinstance(metrics, dict):
+        return None
+    scopes = [metrics.get(k) for k in (kind, "finetuned", "fine_tuned", "adapter", "merged")]
+    scopes = [s for s in scopes if isinstance(s, dict)] + [metrics]
+    parts: list[str] = []
+    for keys in (_QUALITY_KEYS, _PPL_KEYS):
+        for scope in scopes:
+            hit = next(((n, d, scope[k]) for k, n, d in keys
+                        if isinstance(scope.get(k), (int, float))), None)
+            if hit:
+                parts.append(f"{hit[0]} {hit[2]:.{hit[1]}f}")
+                break
+    if not parts:
+        for scope in scopes:
+            hit = next(((n, d, scope[k]) for k, n, d in _LOSS_KEYS
+                        if isinstance(scope.get(k), (int, float))), None)
+            if hit:
+                parts.append(f"{hit[0]} {hit[2]:.{hit[1]}f}")
+                break
+    return " · ".join(parts) or None
+
+
+def _eval_metrics(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    metrics = dict(manifest.metrics or {})
+    ev = run_dir / "eval.json"
+    if ev.is_file():
+        try:
+            data = json.loads(ev.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                metrics.update(data)
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("%s: unreadable (%s); showing the model without its score", ev, e)
+    return metrics
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+class Registry:
+    """The models the app offers, rebuilt from the runs folder on `refresh()`.
+
+    `base_name` is what the base entry is called (a Hub id or a folder); `base_path` is the folder
+    it was resolved to (launch.py resolves it with progress before building the registry)."""
+
+    def __init__(self, runs_dir: str | os.PathLike | None = None,
+                 base_name: str = DEFAULT_BASE_MODEL, base_path: str | os.PathLike | None = None,
+                 base_hub_id: str | None = None):
+        self.runs_dir = runs_root(runs_dir)
+        self.base_name = str(base_name)
+        self.base_path = Path(base_path) if base_path else None
+        self.base_hub_id = base_hub_id or (self.base_name if _is_repo_id(self.base_name) else None)
+        self.problems: list[str] = []  # runs skipped on the last refresh, and why
+        self._lock = threading.Lock()
+        self._entries: dict[str, ModelEntry] = {}
+        self.refresh()
+
+    # -- listing -------------------------------------------------------------------------------
+
+    def refresh(self) -> list[ModelEntry]:
+        """Rescan the runs folder (picks up runs trained or pulled while the app runs)."""
+        entries: dict[str, ModelEntry] = {}
+        base_ref = BaseModelRef(name=self.base_name, hub_id=self.base_hub_id,
+                                local_path=str(self.base_path) if self.base_path else None)
+        entries[BASE_ID] = ModelEntry(id=BASE_ID, kind="base", path=self.base_path, base=base_ref)
+        problems: list[str] = []
+        for run_dir in list_runs(self.runs_dir):
+            try:
+                for entry in self._entries_for_run(run_dir):
+                    entries[entry.id] = entry
+            except ManifestError as e:
+                problems.append(f"{run_dir.name}: skipped: {e}")
+        with self._lock:
+            self._entries = entries
+            self.problems = problems
+        for p in problems:
+            log.warning(p)
+        return self.entries()
+
+    def _entries_for_run(self, run_dir: Path) -> list[ModelEntry]:
+        m = load_manifest(run_dir)
+        metrics = _eval_metrics(run_dir, m)
+        common = dict(run=run_dir.name, run_dir=run_dir, base=m.base_model,
+                      chat_template=m.chat_template or None,
+                      system_prompt=m.system_prompt or DEFAULT_SYSTEM_PROMPT,
+                      eos_tokens=tuple(m.eos_tokens or ()), generation=dict(m.generation or {}),
+                      source=(m.source or {}).get("hub_repo"))
+        out = []
+        adapter, merged = run_dir / "adapter", run_dir / "merged"
+        if adapter.is_dir():
+            if not (adapter / "adapter_config.json").is_file():
+                raise ManifestError(f"{adapter}: no adapter_config.json; re-run training or pull again")
+            if not _has_safetensors(adapter):
+                # .bin adapters are pickles: loading one from a pulled repo could run code
+                raise ManifestError(f"{adapter}: no adapter_model.safetensors (only safetensors "
+                                    "adapters are served); re-save it with safe_serialization")
+            out.append(ModelEntry(id=f"adapter:{run_dir.name}", kind="adapter", path=adapter,
+                                  score=summarize_metrics(metrics, "adapter"), **common))
+        if merged.is_dir():
+            if not ((merged / "config.json").is_file() and _has_safetensors(merged)):
+                raise ManifestError(f"{merged}: needs config.json and *.safetensors; "
+                                    "re-run `medchat merge` or pull again")
+            out.append(ModelEntry(id=f"merged:{run_dir.name}", kind="merged", path=merged,
+                                  score=summarize_metrics(metrics, "merged"), **common))
+        if not out:
+            raise ManifestError(f"{run_dir}: neither adapter/ nor merged/ (training unfinished?)")
+        return out
+
+    def entries(self) -> list[ModelEntry]:
+        with self._lock:
+            values = list(self._entries.values())
+        order = {k: i for i, k in enumerate(KINDS)}
+        return sorted(values, key=lambda e: (order[e.kind], e.run or ""))
+
+    def ids(self) -> list[str]:
+        return [e.id for e in self.entries()]
+
+    def get(self, model_id: str) -> ModelEntry:
+        """The entry for a registered id; anything else (a path, a Hub id, a typo) is refused."""
+        with self._lock:
+            entry = self._entries.get(model_id) if isinstance(model_id, str) else None
+            known = list(self._entries)
+        if entry is None:
+            raise UnknownModelError(
+                f"unknown model {str(model_id)[:200]!r}: not registered. Choose one of: "
+                f"{', '.join(known)} (train a run, or pull one from the Hub, then refresh)")
+        return entry
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, id) pairs for a dropdown."""
+        return [(e.label, e.id) for e in self.entries()]
+
+    def same_base(self, ref: BaseModelRef) -> bool:
+        """Whether a run's base is the registry's base model (by Hub id or folder)."""
+        names = {ref.name, ref.hub_id, ref.local_path} - {None}
+        ours = {self.base_name, self.base_hub_id, str(self.base_path) if self.base_path else None}
+        if names & (ours - {None}):
+            return True
+        if self.base_path and ref.local_path and Path(ref.local_path).exists():
+            return Path(ref.local_path).resolve() == self.base_path.resolve()
+        return False
+
+    # -- examples ------------------------------------------------------------------------------
+
+    def examples(self, limit: int = 8, model_id: str | None = None) -> list[str]:
+        """Questions from a run's held-out split (data/test.jsonl): the model's run first, else
+        the first run that has one. Empty when no run has a test split."""
+        from training.data import DataError, read_jsonl
+
+        runs = [e.run_dir for e in self.entries() if e.run_dir is not None]
+        if model_id is not None:
+            try:
+                own = self.get(model_id).run_dir
+                if own is not None:
+                    runs.insert(0, own)
+            except UnknownModelError:
+                pass
+        seen: set[Path] = set()
+        for run_dir in runs:
+            if run_dir in seen:
+                continue
+            seen.add(run_dir)
+            test = run_dir / "data" / "test.jsonl"
+            if not test.is_file():
+                continue
+            try:
+                convs = read_jsonl(test)
+            except (DataError, OSError) as e:
+                log.warning("%s: no examples (%s)", test, e)
+                continue
+            questions = [c.question.strip() for c in convs if c.question.strip()]
+            if questions:
+                return questions[:limit]
+        return []
+
+
+def _is_repo_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--runs", help="runs folder (default: $MEDCHAT_RUNS or ./runs)")
+    ap.add_argument("--base", default=DEFAULT_BASE_MODEL, help="base model id or folder")
+    args = ap.parse_args(argv)
+    reg = Registry(args.runs, base_name=args.base)
+    for e in reg.entries():
+        print(f"{e.id:40s} {e.label}")
+    for p in reg.problems:
+        print(f"skipped: {p}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

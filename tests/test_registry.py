@@ -1,0 +1,89 @@
+"""Registry: what the app offers, read from run folders; unknown names refused."""
+
+import json
+import shutil
+
+import pytest
+
+from chat_runs import build_runs, make_adapter
+from medchat.registry import Registry, UnknownModelError, summarize_metrics
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    return build_runs(tmp_path_factory.mktemp("reg"), tiny_model_dir)
+
+
+def test_lists_base_adapters_and_merged_with_labels(runs, tiny_model_dir):
+    reg = Registry(runs["runs"], base_name=str(tiny_model_dir), base_path=tiny_model_dir)
+    assert reg.ids() == ["base", "adapter:r0", "adapter:r1", "merged:r0"]
+    labels = dict((v, k) for k, v in reg.choices())
+    assert labels["adapter:r0"].startswith("adapter · r0 (base model)")
+    assert "ROUGE-L 0.412" in labels["adapter:r0"] and "ppl 7.50" in labels["adapter:r0"]
+    assert labels["merged:r0"].startswith("merged · r0")
+    assert labels["base"] == "base · model"
+    e = reg.get("adapter:r1")
+    assert e.kind == "adapter" and e.path == runs["runs"] / "r1" / "adapter"
+    assert e.eos_tokens == ("<|im_end|>",) and "im_start" in e.chat_template
+    assert reg.same_base(e.base)
+    assert reg.problems == []
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../runs/r0/adapter", "HuggingFaceTB/SmolLM2-135M",
+                                  "adapter:nope", "r0", "", None, 3])
+def test_unregistered_names_are_refused(runs, tiny_model_dir, name):
+    reg = Registry(runs["runs"], base_name=str(tiny_model_dir), base_path=tiny_model_dir)
+    with pytest.raises(UnknownModelError, match="not registered"):
+        reg.get(name)
+
+
+def test_refresh_picks_up_new_runs_and_reports_broken_ones(runs, tiny_model_dir, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(runs["runs"], root)
+    reg = Registry(root, base_name=str(tiny_model_dir), base_path=tiny_model_dir)
+    assert "adapter:new" not in reg.ids()
+    make_adapter(tiny_model_dir, root / "new", seed=7)
+    (root / "broken").mkdir()
+    (root / "broken" / "medchat.json").write_text("{not json")
+    (root / "pickle").mkdir()
+    shutil.copytree(root / "r1", root / "pickle", dirs_exist_ok=True)
+    (root / "pickle" / "adapter" / "adapter_model.safetensors").rename(
+        root / "pickle" / "adapter" / "adapter_model.bin")
+    reg.refresh()
+    assert "adapter:new" in reg.ids()
+    assert not {"adapter:broken", "adapter:pickle"} & set(reg.ids())
+    problems = "\n".join(reg.problems)
+    assert "broken" in problems and "invalid JSON" in problems and "line 1" in problems
+    assert "pickle" in problems and "safetensors" in problems
+    shutil.rmtree(root / "new")
+    reg.refresh()
+    assert "adapter:new" not in reg.ids()
+
+
+def test_examples_come_from_the_test_split(runs, tiny_model_dir):
+    reg = Registry(runs["runs"], base_name=str(tiny_model_dir), base_path=tiny_model_dir)
+    assert reg.examples(limit=2) == ["What is aspirin used for?", "How should I take metformin?"]
+    assert reg.examples(model_id="adapter:r1")[0] == "What is aspirin used for?"  # r1 has none
+
+
+def test_pulled_full_model_appears_as_merged(tiny_model_dir, tmp_path):
+    """A repo pulled from the Hub may be a merged model only: merged/ without adapter/."""
+    from training.manifest import BaseModelRef, Manifest, save_manifest
+
+    run = tmp_path / "runs" / "owner--repo"
+    shutil.copytree(tiny_model_dir, run / "merged")
+    save_manifest(run, Manifest(name="owner/repo", base_model=BaseModelRef(name="owner/base"),
+                                chat_template="x", kind="merged",
+                                source={"hub_repo": "owner/repo", "revision": "abc"}))
+    reg = Registry(tmp_path / "runs", base_name=str(tiny_model_dir), base_path=tiny_model_dir)
+    e = reg.get("merged:owner--repo")
+    assert e.source == "owner/repo" and e.kind == "merged" and not reg.same_base(e.base)
+
+
+def test_summarize_metrics_handles_flat_and_nested_reports():
+    assert summarize_metrics({"test_loss": 1.23456}, "adapter") == "loss 1.235"
+    assert summarize_metrics({"perplexity": 3.0, "bleu": 12.34}, "adapter") == "BLEU 12.3 · ppl 3.00"
+    nested = {"base": {"rougeL": 0.1}, "merged": {"rougeL": 0.3}, "adapter": {"rougeL": 0.2}}
+    assert summarize_metrics(nested, "merged") == "ROUGE-L 0.300"
+    assert summarize_metrics({}, "adapter") is None
+    assert summarize_metrics(json.loads('{"note": "x"}'), "adapter") is None

@@ -312,7 +312,7 @@ def make_run(tiny_model_dir: Path, run_dir: Path, seed: int = 0, n_test: int = 4
     save_manifest(run_dir, Manifest(
         name=run_dir.name, base_model=BaseModelRef(name=str(tiny_model_dir), local_path=str(tiny_model_dir)),
         chat_template=tok.chat_template, system_prompt=system, eos_tokens=["<|im_end|>"],
-        dataset={"files": {"test": "data/test.jsonl"}}, training={"model": {"quantization": "nf4"}}))
+        dataset={"files": {"test": "data/test.jsonl"}}, training={"config": {"model": {"quantization": "nf4"}}}))
     return run_dir
 
 

@@ -649,7 +649,8 @@ def fidelity_check(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
 
 
 def _qlora_note(training: dict[str, Any]) -> str | None:
-    quant = (training.get("model") or {}).get("quantization", "none")
+    cfg = training.get("config", training)  # training/run.py nests the full config under "config"
+    quant = (cfg.get("model") or {}).get("quantization", "none")
     if quant and quant != "none":
         return (f"trained with a {quant} (4-bit) base; merged into the unquantised base, i.e. "
                 "W + BA instead of dequant(Q(W)) + BA. The check compares with base+adapter in "
@@ -658,7 +659,7 @@ def _qlora_note(training: dict[str, Any]) -> str | None:
     return None
 
 
-def _resolve_run(run: str) -> Path:
+def resolve_run(run: str) -> Path:
     p = Path(run)
     if (p / "medchat.json").is_file():
         return p
@@ -669,7 +670,7 @@ def _resolve_run(run: str) -> Path:
                      "pass a run name/folder, or --base X --adapter Y --output Z")
 
 
-def _base_from_manifest(m) -> Path:
+def base_dir_from_manifest(m) -> Path:
     from training.base_model import resolve_base_model
 
     ref = m.base_model
@@ -702,9 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.run:
             if args.base or args.adapter:
                 raise MergeError("give either RUN or --base/--adapter, not both")
-            run_dir = _resolve_run(args.run)
+            run_dir = resolve_run(args.run)
             manifest = load_manifest(run_dir)
-            base_dir, adapter_dir = _base_from_manifest(manifest), run_dir / "adapter"
+            base_dir, adapter_dir = base_dir_from_manifest(manifest), run_dir / "adapter"
             output = Path(args.output) if args.output else run_dir / "merged"
         elif args.base and args.adapter and args.output:
             from training.base_model import resolve_base_model

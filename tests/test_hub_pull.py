@@ -1,0 +1,164 @@
+"""hub.pull against a loopback Hub: what was pushed comes back byte for byte, lands where the
+registry lists it, and chats like the original."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from chat_runs import QUESTIONS, reference_answer
+from fake_hub import DEFAULT_USER, FakeHub, make_adapter_run, use_fake_hub
+
+import hub.push as push_mod
+from hub.pull import main as pull_main
+from hub.pull import pull
+from hub.push import HubError, push
+
+pytestmark = pytest.mark.timeout(180)
+BASE_REPO = f"{DEFAULT_USER}/tiny-base"
+ADAPTER_REPO = f"{DEFAULT_USER}/tiny-adapter"
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    with FakeHub(tmp_path / "hub-storage") as hub:
+        use_fake_hub(monkeypatch, hub, home=tmp_path / "hf-home")
+        monkeypatch.setattr(push_mod, "RETRY_BASE_WAIT", 0.01)
+        yield hub
+        assert not hub.errors, hub.errors[0]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, tiny_model_dir) -> Path:
+    return make_adapter_run(tmp_path_factory.mktemp("runs"), tiny_model_dir,
+                            base_hub_id=BASE_REPO)
+
+
+def upload_base(tiny_model_dir: Path) -> None:
+    """The tiny model as a plain full-model repo (how a base model sits on the Hub)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(BASE_REPO, exist_ok=True)
+    api.upload_folder(folder_path=tiny_model_dir, repo_id=BASE_REPO, commit_message="tiny base")
+
+
+def test_pull_adapter_lands_in_runs_and_chats_like_the_original(
+        fake_hub, adapter_run, tiny_model_dir, tmp_path):
+    from medchat.engine import Engine, GenerationSettings
+    from medchat.registry import Registry
+    from training.manifest import load_manifest
+
+    upload_base(tiny_model_dir)
+    push(adapter_run, ADAPTER_REPO)
+    runs = tmp_path / "runs"
+    base_run = pull(BASE_REPO, runs_dir=runs)
+    run = pull(ADAPTER_REPO, runs_dir=runs)
+    assert run == runs / "test-user--tiny-adapter" and base_run == runs / "test-user--tiny-base"
+    assert not list(runs.glob(".*"))  # no temporary folders left behind
+
+    # byte-identical: every file of the repo is in the run folder, and the weights are ours
+    on_hub = fake_hub.repo_files(ADAPTER_REPO)
+    for name, data in on_hub.items():
+        if name == ".gitattributes":
+            continue
+        local = run / name if name in ("README.md", "eval.json") else run / "adapter" / name
+        if name == "medchat.json":
+            continue  # rewritten for this copy: checked below
+        assert local.read_bytes() == data, name
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (adapter_run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    m = load_manifest(run)
+    assert m.kind == "adapter" and m.name == "test-user--tiny-adapter"
+    assert m.base_model.name == BASE_REPO and m.base_model.hub_id == BASE_REPO
+    assert m.source == {"hub_repo": ADAPTER_REPO, "revision": "main",
+                        "commit": fake_hub.head(ADAPTER_REPO)}
+    assert m.chat_template == load_manifest(adapter_run).chat_template
+    base_m = load_manifest(base_run)
+    assert base_m.kind == "merged" and base_m.base_model.hub_id == BASE_REPO
+    assert "im_start" in base_m.chat_template and base_m.eos_tokens == ["<|im_end|>"]
+
+    # the app's registry lists both, and the engine answers like plain transformers + peft
+    # on the original files
+    registry = Registry(runs, base_name=BASE_REPO, base_path=base_run / "merged")
+    assert {"adapter:test-user--tiny-adapter", "merged:test-user--tiny-base"} <= set(registry.ids())
+    assert registry.same_base(registry.get("adapter:test-user--tiny-adapter").base)
+    engine = Engine(registry, device="cpu")
+    engine.load_base()
+    greedy = GenerationSettings(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0)
+    got = engine.chat("adapter:test-user--tiny-adapter", QUESTIONS[0], settings=greedy)
+    want = reference_answer(tiny_model_dir, QUESTIONS[0], adapter_run / "adapter", 16)
+    assert got == want and got != reference_answer(tiny_model_dir, QUESTIONS[0], None, 16)
+
+
+def test_pull_same_commit_downloads_nothing_and_new_commit_updates(fake_hub, adapter_run,
+                                                                   tmp_path):
+    push(adapter_run, ADAPTER_REPO)
+    runs = tmp_path / "runs"
+    run = pull(ADAPTER_REPO, runs_dir=runs)
+    downloads = fake_hub.stats["resolve"]
+    assert pull(ADAPTER_REPO, runs_dir=runs) == run
+    assert fake_hub.stats["resolve"] == downloads  # up to date: only the repo info was asked
+
+    from huggingface_hub import HfApi
+
+    HfApi().upload_file(path_or_fileobj=b"extra\n", path_in_repo="notes.txt",
+                        repo_id=ADAPTER_REPO, commit_message="add notes")
+    pull(ADAPTER_REPO, runs_dir=runs)
+    assert (run / "adapter" / "notes.txt").read_bytes() == b"extra\n"
+    assert json.loads((run / "medchat.json").read_text())["source"]["commit"] == \
+        fake_hub.head(ADAPTER_REPO)
+
+
+def test_plain_peft_repo_without_manifest(fake_hub, adapter_run, tmp_path):
+    """A repo pushed by something else (no medchat.json): the manifest comes from its files."""
+    from huggingface_hub import HfApi
+
+    from training.manifest import load_manifest
+
+    api = HfApi()
+    api.create_repo(f"{DEFAULT_USER}/plain-peft")
+    cfg = json.loads((adapter_run / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = BASE_REPO
+    api.upload_folder(folder_path=adapter_run / "adapter", repo_id=f"{DEFAULT_USER}/plain-peft",
+                      allow_patterns=["*.safetensors", "tokenizer*", "chat_template.jinja"])
+    api.upload_file(path_or_fileobj=json.dumps(cfg).encode(), path_in_repo="adapter_config.json",
+                    repo_id=f"{DEFAULT_USER}/plain-peft")
+    run = pull(f"{DEFAULT_USER}/plain-peft", runs_dir=tmp_path / "runs")
+    m = load_manifest(run)
+    assert m.kind == "adapter" and m.base_model.hub_id == BASE_REPO
+    assert m.chat_template and m.eos_tokens == ["<|im_end|>"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_transient_errors_during_download_are_retried(fake_hub, adapter_run, tmp_path):
+    push(adapter_run, ADAPTER_REPO)
+    fake_hub.inject("info", 503, times=1)
+    fake_hub.inject("resolve", 503, times=2)
+    run = pull(ADAPTER_REPO, runs_dir=tmp_path / "runs")
+    assert fake_hub.pending_faults("resolve") == 0 and fake_hub.pending_faults("info") == 0
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (adapter_run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_clear_errors(fake_hub, adapter_run, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    assert pull_main([f"{DEFAULT_USER}/does-not-exist", "--runs-dir", str(runs)]) == 2
+    assert "'test-user/does-not-exist' was not found" in capsys.readouterr().err
+    with pytest.raises(HubError, match="expected OWNER/NAME"):
+        pull("../../etc", runs_dir=runs)
+    push(adapter_run, ADAPTER_REPO, private=True)
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubError, match=r"needs a token \(401 Unauthorized\)"):
+        pull(ADAPTER_REPO, runs_dir=runs)
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=fake_hub.tokens and next(iter(fake_hub.tokens)))
+    api.create_repo(f"{DEFAULT_USER}/not-a-model")
+    api.upload_file(path_or_fileobj=b"hi", path_in_repo="notes.txt",
+                    repo_id=f"{DEFAULT_USER}/not-a-model")
+    with pytest.raises(HubError, match="neither adapter_config.json"):
+        pull(f"{DEFAULT_USER}/not-a-model", runs_dir=runs)
+    assert not runs.exists() or not any(runs.iterdir())  # nothing half-written

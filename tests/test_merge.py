@@ -286,6 +286,14 @@ def test_unsupported_variants_and_quantised_base(tiny_model_dir, tmp_path):
     (base / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MergeError, match="quantised.*unquantised"):
         merge(base, plain, tmp_path / "out", progress=False)
+    cfg_file = plain / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(MergeError, match="peft_type is IA3; only LoRA"):
+        merge(tiny_model_dir, plain, tmp_path / "out", progress=False)
+    cfg_file.write_text("{not json")
+    with pytest.raises(MergeError, match=r"adapter_config\.json: line 1: invalid JSON"):
+        merge(tiny_model_dir, plain, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not no_leftovers(tmp_path)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -104,7 +105,7 @@ class AdapterPlan:
     """What the adapter does to each base tensor (names as in the base's safetensors)."""
 
     folder: Path
-    config: Any  # peft LoraConfig
+    config: dict[str, Any]  # adapter_config.json
     deltas: dict[str, LoraDelta] = field(default_factory=dict)  # weight name -> LoRA pair
     bias_deltas: dict[str, LoraDelta] = field(default_factory=dict)  # bias name -> pair
     replace: dict[str, Any] = field(default_factory=dict)  # full tensors (modules_to_save...)
@@ -119,25 +120,24 @@ class AdapterPlan:
 
 
 def _pattern_value(patterns: dict | None, module: str, default):
-    """peft's rank_pattern/alpha_pattern lookup for one module name."""
-    if not patterns:
-        return default
-    from peft.utils.other import get_pattern_key
+    """rank_pattern/alpha_pattern lookup for one module name: the first key that matches the
+    end of the module path, as peft.utils.other.get_pattern_key does (same regex)."""
+    for key in patterns or {}:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
 
-    key = get_pattern_key(patterns.keys(), module)
-    return patterns.get(key, default)
 
-
-def _check_supported(cfg, where: Path) -> None:
-    peft_type = str(getattr(cfg, "peft_type", "")).split(".")[-1].upper()
+def _check_supported(cfg: dict[str, Any], where: Path) -> None:
+    peft_type = str(cfg.get("peft_type") or "").split(".")[-1].upper()
     if peft_type != "LORA":
         raise MergeError(f"{where}: peft_type is {peft_type or 'missing'}; only LoRA adapters can "
                          "be merged into base weights")
     for option, what in UNSUPPORTED_OPTIONS.items():
-        if getattr(cfg, option, None):
+        if cfg.get(option):
             raise MergeError(f"{where}: {option} is set ({what}); the streaming merge supports plain "
                              "LoRA only. Merge this adapter with peft's merge_and_unload() instead")
-    init = getattr(cfg, "init_lora_weights", True)
+    init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise MergeError(f"{where}: init_lora_weights={init!r} also changed the base weights during "
                          "training, so this adapter does not apply to the original base. Re-save it "
@@ -145,8 +145,10 @@ def _check_supported(cfg, where: Path) -> None:
 
 
 def load_adapter(adapter_dir: str | os.PathLike) -> AdapterPlan:
-    """Read adapter_config.json + adapter_model.safetensors into per-base-tensor changes."""
-    from peft import PeftConfig
+    """Read adapter_config.json + adapter_model.safetensors into per-base-tensor changes.
+
+    The config is read as JSON rather than through peft: importing peft pulls in most of
+    transformers (~175 MB resident), more than the merge itself needs for a small model."""
     from safetensors.torch import load_file
 
     folder = Path(adapter_dir)
@@ -162,9 +164,12 @@ def load_adapter(adapter_dir: str | os.PathLike) -> AdapterPlan:
             if (folder / "adapter_model.bin").is_file() else ""
         raise MergeError(f"{weights}: missing{alt}; the adapter weights must be safetensors")
     try:
-        cfg = PeftConfig.from_pretrained(str(folder))
-    except Exception as e:  # malformed JSON or fields peft does not know
-        raise MergeError(f"{cfg_path}: cannot be read by peft ({type(e).__name__}: {e})") from e
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MergeError(f"{cfg_path}: line {e.lineno}: invalid JSON ({e.msg}); re-save the "
+                         "adapter with peft") from e
+    if not isinstance(cfg, dict) or "r" not in cfg or "lora_alpha" not in cfg:
+        raise MergeError(f"{cfg_path}: not a LoRA adapter config (needs r and lora_alpha)")
     _check_supported(cfg, cfg_path)
     try:
         tensors = load_file(str(weights))  # adapters are small: read whole
@@ -202,21 +207,21 @@ def load_adapter(adapter_dir: str | os.PathLike) -> AdapterPlan:
             raise MergeError(f"{weights}: {module} is a LoRA on a {A.ndim}-d (convolution) weight; "
                              "only linear and embedding layers are supported")
         r = A.shape[0]
-        r_cfg = _pattern_value(getattr(cfg, "rank_pattern", None), module, cfg.r)
+        r_cfg = _pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
         if r != r_cfg or B.shape[1] != r:
             raise MergeError(f"{weights}: {module} has rank {r} (B: {tuple(B.shape)}) but "
                              f"{cfg_path.name} says r={r_cfg}; adapter config and weights disagree")
-        alpha = _pattern_value(getattr(cfg, "alpha_pattern", None), module, cfg.lora_alpha)
-        scaling = alpha / math.sqrt(r) if getattr(cfg, "use_rslora", False) else alpha / r
+        alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         d = LoraDelta(module, A, B, scaling, embedding=embedding,
-                      fan_in_fan_out=bool(getattr(cfg, "fan_in_fan_out", False)) and not embedding,
+                      fan_in_fan_out=bool(cfg.get("fan_in_fan_out")) and not embedding,
                       bias=parts.get("bias"))
         plan.deltas[f"{module}.weight"] = d
         if d.bias is not None:
             plan.bias_deltas[f"{module}.bias"] = d
 
     if tokens:
-        indices_cfg = getattr(cfg, "trainable_token_indices", None)
+        indices_cfg = cfg.get("trainable_token_indices")
         for module, values in tokens.items():
             if isinstance(indices_cfg, dict):
                 key = next((k for k in indices_cfg if module == k or module.endswith("." + k)), None)
@@ -259,21 +264,30 @@ class BaseModel:
     tied: dict[str, str]  # tied name (not stored) -> stored source, when the config ties them
 
 
-def _tied_keys(config: dict[str, Any]) -> dict[str, str]:
-    """Tied parameter -> source, from the model class (e.g. lm_head.weight -> embed_tokens)."""
-    if not config.get("tie_word_embeddings", False):
+INPUT_EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
+                         "tok_embeddings.weight", "embed_in.weight")
+
+
+def _tied_keys(config: dict[str, Any], stored: set[str]) -> dict[str, str]:
+    """Tied parameter -> stored source (e.g. lm_head.weight -> model.embed_tokens.weight).
+
+    The usual names are matched first; only for other layouts is the model class imported for
+    its `_tied_weights_keys` (that import costs ~120 MB resident, as much as a shard)."""
+    if not config.get("tie_word_embeddings", False) or "lm_head.weight" in stored:
         return {}
+    emb = [k for k in stored if k.endswith(INPUT_EMBEDDING_NAMES)]
+    if len(emb) == 1:
+        return {"lm_head.weight": emb[0]}
     try:
         import transformers
 
         for arch in config.get("architectures") or []:
-            cls = getattr(transformers, arch, None)
-            keys = getattr(cls, "_tied_weights_keys", None)
+            keys = getattr(getattr(transformers, arch, None), "_tied_weights_keys", None)
             if isinstance(keys, dict) and keys:
                 return dict(keys)
-    except Exception:  # unknown architecture: fall back to the usual names below
+    except Exception:  # unknown architecture: nothing is tied as far as we can tell
         pass
-    return {"lm_head.weight": "model.embed_tokens.weight"}
+    return {}
 
 
 def open_base(base_dir: str | os.PathLike) -> BaseModel:
@@ -311,7 +325,8 @@ def open_base(base_dir: str | os.PathLike) -> BaseModel:
             for k in f.keys():
                 sl = f.get_slice(k)
                 tensors[k] = TensorSpec(k, path, k, tuple(sl.get_shape()), sl.get_dtype())
-    tied = {k: v for k, v in _tied_keys(config).items() if k not in tensors and v in tensors}
+    tied = {k: v for k, v in _tied_keys(config, set(tensors)).items()
+            if k not in tensors and v in tensors}
     return BaseModel(folder, config, tensors, tied)
 
 
@@ -373,7 +388,7 @@ def plan_merge(base: BaseModel, adapter: AdapterPlan, out_dtype: str = "auto") -
         known[name] = TensorSpec(name, s.file, src, s.shape, s.tag)
 
     problems = []
-    hint = getattr(adapter.config, "base_model_name_or_path", None)
+    hint = adapter.config.get("base_model_name_or_path")
 
     def check(name: str, shape: tuple[int, ...], what: str) -> None:
         spec = known.get(name)

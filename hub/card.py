@@ -70,7 +70,8 @@ To get a standalone model, merge the adapter into the base weights:
 {{ merge_snippet }}
 ```
 {%- else -%}
-This repository holds a full model: the LoRA adapter merged into [`{{ base_model }}`]({{ base_url }}).
+This repository holds a full model: the LoRA adapter merged into
+[`{{ base_model }}`]({{ base_url }}).
 
 ```python
 {{ merged_snippet }}
@@ -203,14 +204,17 @@ def _numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def eval_rows(eval_data: Any, manifest: Manifest | None = None) -> list[tuple[str, dict[str, float]]]:
+Rows = list[tuple[str, dict[str, float]]]  # (variant, {metric: value})
+
+
+def eval_rows(eval_data: Any, manifest: Manifest | None = None) -> Rows:
     """(variant, {metric: value}) rows from eval.json, else from the manifest's metrics.
 
     eval.json is read loosely: {"models"|"results"|"scores": {variant: {metric: value}}},
     {variant: {"scores"|"metrics": {...}}}, {variant: {metric: value}} or flat {metric: value}.
     Per-question outputs (lists) are ignored.
     """
-    rows: list[tuple[str, dict[str, float]]] = []
+    rows: Rows = []
     if isinstance(eval_data, dict):
         for key in ("models", "results", "scores", "summary"):
             if isinstance(eval_data.get(key), dict):
@@ -231,7 +235,8 @@ def eval_rows(eval_data: Any, manifest: Manifest | None = None) -> list[tuple[st
         for k, v in _numbers(manifest.metrics).items():
             m = re.fullmatch(r"(.+)_(base|finetuned|fine_tuned|adapter|merged)", k)
             if m:
-                grouped.setdefault(m.group(2).replace("fine_tuned", "finetuned"), {})[m.group(1)] = v
+                variant = m.group(2).replace("fine_tuned", "finetuned")
+                grouped.setdefault(variant, {})[m.group(1)] = v
         rows = list(grouped.items())
     return rows
 
@@ -285,7 +290,8 @@ def model_index(rows, kind: str, datasets: list[str], model_name: str) -> list:
     return results
 
 
-def _snippets(repo_id: str, base_model: str, system_prompt: str, gen: dict[str, Any]) -> dict[str, str]:
+def _snippets(repo_id: str, base_model: str, system_prompt: str,
+              gen: dict[str, Any]) -> dict[str, str]:
     max_new = int(gen.get("max_new_tokens", 256))
     ask = (f'messages = [{{"role": "system", "content": {json.dumps(system_prompt)}}},\n'
            '            {"role": "user", "content": "How should I take metformin?"}]\n'
@@ -324,9 +330,12 @@ def _training_lines(manifest: Manifest) -> list[str]:
     if train:
         keys = ("epochs", "learning_rate", "lr_scheduler", "batch_size", "grad_accum", "deepspeed")
         lines.append("Schedule: " + ", ".join(f"{k}={train[k]}" for k in keys if k in train))
-    for k in ("train_runtime", "train_loss", "tokens_per_second", "world_size"):
-        if k in t:
-            lines.append(f"{k.replace('_', ' ')}: {t[k]}")
+    for k, label, unit in (("train_runtime", "Training time", " s"),
+                           ("train_loss", "Mean train loss", ""),
+                           ("tokens_per_second", "Throughput", " tokens/s"),
+                           ("world_size", "Processes", "")):
+        if t.get(k) is not None:
+            lines.append(f"{label}: {t[k]}{unit}")
     return lines
 
 
@@ -350,9 +359,13 @@ def build_card(manifest: Manifest, repo_id: str, kind: str = "adapter",
     if str((cfg.get("model") or {}).get("quantization", "none")) not in ("none", "None"):
         tags.append("qlora")
     tags += [t for t in (extra_tags or []) if t not in tags]
+    lic = license_for(base, license)
+    # the Hub asks for a name and link when the license is "other": point at the base's terms
+    other = {"license_name": "same-as-base-model", "license_link": f"https://huggingface.co/{base}"}
     data = ModelCardData(
         base_model=base, library_name="peft" if kind == "adapter" else "transformers",
-        pipeline_tag="text-generation", datasets=ds_ids or None, license=license_for(base, license),
+        pipeline_tag="text-generation", datasets=ds_ids or None, license=lic,
+        **(other if lic == "other" else {}),
         language=["en"], tags=tags, model_name=model_name,
         eval_results=model_index(rows, kind, ds_ids, model_name) or None)
     ds = manifest.dataset or {}
@@ -372,7 +385,8 @@ def build_card(manifest: Manifest, repo_id: str, kind: str = "adapter",
                     " and higher ROUGE/BLEU/F1 are better." if table else
                     "No evaluation results were recorded for this run (`medchat evaluate RUN`).")
     gen = manifest.generation or {}
-    training_cfg = strip_local_paths((manifest.training or {}).get("config", manifest.training or {}))
+    training = manifest.training or {}
+    training_cfg = strip_local_paths(training.get("config", training))
     title = f"{model_name}: {'LoRA adapter' if kind == 'adapter' else 'merged model'} of {base}"
     summary = (f"`{base}` fine-tuned with LoRA on consumer medication questions and answers "
                f"({ds_ids[0] if ds_ids else 'MedicationQA'}) by medchat run `{manifest.name}`.")

@@ -43,7 +43,8 @@ MODEL_FILE_NAMES = {"special_tokens_map.json", "added_tokens.json", "tokenizer.j
 # (glob on any path component or file name, reason) — checked before the allowlist.
 DENIED = [
     ("checkpoints", "training checkpoint"), ("checkpoint-*", "training checkpoint"),
-    ("global_step*", "DeepSpeed checkpoint"), ("logs", "training logs"), ("runs", "TensorBoard logs"),
+    ("global_step*", "DeepSpeed checkpoint"), ("logs", "training logs"),
+    ("runs", "TensorBoard logs"),
     ("events.out.tfevents*", "TensorBoard logs"), ("optimizer*", "optimizer state"),
     ("scheduler*", "scheduler state"), ("rng_state*", "RNG state"),
     ("trainer_state.json", "trainer state"), ("training_args*", "trainer arguments"),
@@ -193,7 +194,8 @@ def _adapter_config_for_hub(path: Path, base_model: str) -> PlannedFile:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise HubError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}); re-save the adapter") from e
+        raise HubError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}); "
+                       "re-save the adapter") from e
     if cfg.get("base_model_name_or_path") == base_model:
         return PlannedFile("adapter_config.json", path.stat().st_size, source=path)
     cfg["base_model_name_or_path"] = base_model
@@ -220,7 +222,7 @@ def plan_push(run_dir: str | os.PathLike, repo_id: str, merged: bool = False,
     marker = "config.json" if merged else "adapter_config.json"
     if not (folder / marker).is_file():
         hint = (f"run `medchat merge {run}` first" if merged
-                else "train it with `python -m training.run`, or push the merged model with --merged")
+                else "train it with `python -m training.run`, or push merged/ with --merged")
         raise HubError(f"{folder}: no {marker}; nothing to push ({hint})")
     if not any(folder.glob("*.safetensors")):
         raise HubError(f"{folder}: no *.safetensors weights; re-save the "
@@ -331,7 +333,8 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def _request_path(err: BaseException) -> str:
     """URL path of the request behind an HTTP/network error ('' when unknown)."""
-    for get in (lambda: err.response.request.url.path, lambda: err.request.url.path):  # type: ignore[attr-defined]
+    for get in (lambda: err.response.request.url.path,  # type: ignore[attr-defined]
+                lambda: err.request.url.path):  # type: ignore[attr-defined]
         try:
             return str(get())
         except Exception:  # noqa: BLE001 - httpx raises RuntimeError for an unset .request
@@ -384,7 +387,8 @@ def explain(err: BaseException, what: str, repo_id: str | None = None,
                             f"{what}, also after retrying with backoff; it is probably having "
                             "trouble, try again later")
         return HubError(f"the Hub at {endpoint} answered {status} when trying to {what}{detail}")
-    return HubError(f"could not {what}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    first = str(err).splitlines()[0] if str(err) else ""
+    return HubError(f"could not {what}: {type(err).__name__}: {first}")
 
 
 def hub_call(what: str, fn: Callable[..., T], *args: Any, repo_id: str | None = None,

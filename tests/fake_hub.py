@@ -61,7 +61,8 @@ def git_blob_sha1(data: bytes) -> str:
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\n"
+            f"size {size}\n").encode()
 
 
 @dataclass
@@ -398,7 +399,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo(self, repo_type: str, repo_id: str, write: bool = False) -> Repo:
         user = self._user(required=write)
         repo = self.hub.repos.get((repo_type, repo_id))
-        visible = repo is not None and (not repo.private or self._can_write(user, repo_id.split("/")[0]))
+        owner = repo_id.split("/")[0]
+        visible = repo is not None and (not repo.private or self._can_write(user, owner))
         if not visible:
             raise HubHTTPError(404 if user else 401, "Repository not found", "RepoNotFound")
         if write and not self._can_write(user, repo_id.split("/")[0]):
@@ -577,7 +579,8 @@ class _Handler(BaseHTTPRequestHandler):
                         raise HubHTTPError(404, "A file with this name doesn't exist",
                                            "EntryNotFound")
                 elif key == "deletedFolder":
-                    files = {p: e for p, e in files.items() if not p.startswith(path.rstrip("/") + "/")}
+                    folder = path.rstrip("/") + "/"
+                    files = {p: e for p, e in files.items() if not p.startswith(folder)}
                 else:
                     raise HubHTTPError(400, f"unsupported commit operation {key!r}")
             oid = self.hub._new_commit(r, rev, files, title)

@@ -82,7 +82,8 @@ def test_card_metadata_parses_and_names_hub_ids(adapter_run, fake_hub, tmp_path)
     assert meta["base_model"] == "test-user/tiny-base"  # the Hub id, not the local folder
     assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-generation"
     assert meta["datasets"] == ["truehealth/medicationqa"]
-    assert meta["license"] == "other" and meta["language"] == ["en"]
+    assert meta["license"] == "other" and meta["license_link"].endswith("test-user/tiny-base")
+    assert meta["language"] == ["en"]
     assert {"medchat", "peft", "lora", "qlora"} <= set(meta["tags"])
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics["loss"] == 2.4 and metrics["rougeL"] == 0.19  # the adapter row of eval.json

@@ -228,17 +228,19 @@ def build_app(engine: Engine, registry: Registry, *, allow_pull: bool = True,
     # -- layout ----------------------------------------------------------------------------------
 
     first = default_id()
-    examples = registry.examples(limit=8, model_id=first) or FALLBACK_EXAMPLES
+    held_out = registry.examples(limit=8, model_id=first)
+    examples = held_out or FALLBACK_EXAMPLES
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\nChat with the base model and its fine-tuned versions; "
                     "compare two side by side.")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                with gr.Row(equal_height=True):
+                with gr.Row():
                     model = gr.Dropdown(registry.choices(), value=first, label="Model",
                                         scale=8, elem_id="model")
-                    refresh = gr.Button("↻ Refresh", scale=1, min_width=90, elem_id="refresh")
+                    with gr.Column(scale=1, min_width=110):
+                        refresh = gr.Button("↻ Refresh models", size="sm", elem_id="refresh")
                 chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot",
                                      buttons=["copy"])
                 with gr.Row():
@@ -250,7 +252,8 @@ def build_app(engine: Engine, registry: Registry, *, allow_pull: bool = True,
                                          elem_id="stop")
                 status = gr.Markdown(elem_id="status")
                 ex = gr.Examples([[q] for q in examples], inputs=[box],
-                                 label="Examples (held-out test questions)")
+                                 label="Examples (held-out test questions)" if held_out
+                                 else "Examples")
                 clear = gr.Button("Clear conversation", size="sm")
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():

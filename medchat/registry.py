@@ -77,37 +77,50 @@ def short_name(name: str) -> str:
     return Path(str(name).rstrip("/")).name or str(name)
 
 
-# Metric keys as the evaluation stage may write them, best first; (key, display name, digits).
-_QUALITY_KEYS = [("rougeL", "ROUGE-L", 3), ("rouge_l", "ROUGE-L", 3), ("rougeLsum", "ROUGE-L", 3),
-                 ("bleu", "BLEU", 1), ("sacrebleu", "BLEU", 1)]
-_PPL_KEYS = [("perplexity", "ppl", 2), ("test_perplexity", "ppl", 2), ("eval_perplexity", "ppl", 2)]
-_LOSS_KEYS = [("test_loss", "loss", 3), ("eval_loss", "loss", 3), ("loss", "loss", 3)]
+# Metric keys as the evaluation stage may write them, best first: (key, display name).
+_QUALITY_KEYS = [("rougeL", "ROUGE-L"), ("rouge_l", "ROUGE-L"), ("rougeLsum", "ROUGE-L"),
+                 ("bleu", "BLEU"), ("sacrebleu", "BLEU"), ("token_f1", "F1")]
+_PPL_KEYS = [("perplexity", "ppl"), ("test_perplexity", "ppl"), ("eval_perplexity", "ppl")]
+_LOSS_KEYS = [("test_loss", "loss"), ("eval_loss", "loss"), ("loss", "loss")]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
+
+
+def _scopes(metrics: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """Where this model's numbers may sit: eval.json {"models": {kind: ...}}, the manifest's
+    {"eval": {"models": {kind: ...}}}, a dict keyed by kind, or a flat dict."""
+    roots = [metrics]
+    for path in (("models",), ("eval", "models"), ("eval",)):
+        d: Any = metrics
+        for key in path:
+            d = d.get(key) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            roots.append(d)
+    # a merged model answers like its adapter, so its adapter's scores stand in when missing
+    names = (kind, "finetuned", "fine_tuned") + (("adapter",) if kind == "merged" else ())
+    scoped = [r[n] for n in names for r in roots if isinstance(r.get(n), dict)]
+    return scoped + roots
 
 
 def summarize_metrics(metrics: dict[str, Any], kind: str) -> str | None:
-    """A short score for the dropdown from eval.json / manifest metrics, or None.
-
-    Tolerates a flat dict or one keyed by model ({"base": {...}, "adapter": {...}}), since the
-    evaluation stage may report several models side by side."""
+    """A short score for the dropdown from eval.json / manifest metrics, or None."""
     if not isinstance(metrics, dict):
         return None
-    scopes = [metrics.get(k) for k in (kind, "finetuned", "fine_tuned", "adapter", "merged")]
-    scopes = [s for s in scopes if isinstance(s, dict)] + [metrics]
-    parts: list[str] = []
-    for keys in (_QUALITY_KEYS, _PPL_KEYS):
+    scopes = _scopes(metrics, kind)
+
+    def first(keys):
         for scope in scopes:
-            hit = next(((n, d, scope[k]) for k, n, d in keys
-                        if isinstance(scope.get(k), (int, float))), None)
-            if hit:
-                parts.append(f"{hit[0]} {hit[2]:.{hit[1]}f}")
-                break
-    if not parts:
-        for scope in scopes:
-            hit = next(((n, d, scope[k]) for k, n, d in _LOSS_KEYS
-                        if isinstance(scope.get(k), (int, float))), None)
-            if hit:
-                parts.append(f"{hit[0]} {hit[2]:.{hit[1]}f}")
-                break
+            for key, name in keys:
+                v = scope.get(key)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    return f"{name} {_fmt(v)}"
+        return None
+
+    parts = [p for p in (first(_QUALITY_KEYS), first(_PPL_KEYS)) if p]
+    if not parts and (loss := first(_LOSS_KEYS)):
+        parts.append(loss)
     return " · ".join(parts) or None
 
 

@@ -20,6 +20,7 @@ def test_lists_base_adapters_and_merged_with_labels(runs, tiny_model_dir):
     labels = dict((v, k) for k, v in reg.choices())
     assert labels["adapter:r0"].startswith("adapter · r0 (base model)")
     assert "ROUGE-L 0.412" in labels["adapter:r0"] and "ppl 7.50" in labels["adapter:r0"]
+    assert "ROUGE-L 0.412" in labels["merged:r0"]
     assert labels["merged:r0"].startswith("merged · r0")
     assert labels["base"] == "base · model"
     e = reg.get("adapter:r1")
@@ -80,10 +81,15 @@ def test_pulled_full_model_appears_as_merged(tiny_model_dir, tmp_path):
     assert e.source == "owner/repo" and e.kind == "merged" and not reg.same_base(e.base)
 
 
-def test_summarize_metrics_handles_flat_and_nested_reports():
-    assert summarize_metrics({"test_loss": 1.23456}, "adapter") == "loss 1.235"
+def test_summarize_metrics_reads_eval_json_manifest_and_flat_reports():
+    assert summarize_metrics({"test_loss": 1.23456}, "adapter") == "loss 1.23"
     assert summarize_metrics({"perplexity": 3.0, "bleu": 12.34}, "adapter") == "BLEU 12.3 · ppl 3.00"
-    nested = {"base": {"rougeL": 0.1}, "merged": {"rougeL": 0.3}, "adapter": {"rougeL": 0.2}}
-    assert summarize_metrics(nested, "merged") == "ROUGE-L 0.300"
+    eval_json = {"metrics": {"rougeL": "description"}, "questions": 120,
+                 "models": {"base": {"rougeL": 10.0, "perplexity": 20.0},
+                            "adapter": {"rougeL": 23.456, "perplexity": 9.87, "loss": 2.3}}}
+    assert summarize_metrics(eval_json, "adapter") == "ROUGE-L 23.5 · ppl 9.87"
+    assert summarize_metrics(eval_json, "merged") == "ROUGE-L 23.5 · ppl 9.87"  # adapter's
+    manifest = {"eval": {"models": {"merged": {"rougeL": 0.3}}}}
+    assert summarize_metrics(manifest, "merged") == "ROUGE-L 0.300"
     assert summarize_metrics({}, "adapter") is None
-    assert summarize_metrics(json.loads('{"note": "x"}'), "adapter") is None
+    assert summarize_metrics(json.loads('{"note": "x", "ok": true}'), "adapter") is None

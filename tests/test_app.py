@@ -1,0 +1,272 @@
+"""The launched app, driven through gradio_client on a free loopback port."""
+
+import functools
+import importlib.machinery
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from chat_runs import QUESTIONS, build_runs, make_adapter, reference_answer
+
+pytestmark = pytest.mark.timeout(240)
+ROOT = Path(__file__).resolve().parents[1]
+Q = QUESTIONS[0]
+GREEDY = dict(system_prompt="", max_new_tokens=24, temperature=0.0, top_p=1.0,
+              repetition_penalty=1.0, seed=-1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir, tmp_path_factory):
+    from medchat.app import build_app, serve
+    from medchat.engine import Engine
+    from medchat.registry import Registry
+
+    shared = build_runs(tmp_path_factory.mktemp("app-src"), tiny_model_dir)
+    runs = tmp_path_factory.mktemp("app") / "runs"
+    shutil.copytree(shared["runs"], runs)
+    reg = Registry(runs, base_name=str(tiny_model_dir), base_path=tiny_model_dir)
+    eng = Engine(reg, device="cpu")
+    eng.load_base()
+    assert eng.preload() == []
+    demo = build_app(eng, reg, allow_pull=False)
+    port = free_port()
+    serve(demo, port=port, prevent_thread_lock=True, quiet=True)
+    yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/", engine=eng, registry=reg,
+                                runs=runs, base=tiny_model_dir)
+    demo.close()
+
+
+def client(app):
+    from gradio_client import Client
+
+    return Client(app.url, verbose=False)
+
+
+def ask(c, model, message=Q, **settings):
+    return c.predict(message, [], model, **{**GREEDY, **settings}, api_name="/chat")
+
+
+def test_tokens_arrive_incrementally(app):
+    c = client(app)
+    job = c.submit(Q, [], "adapter:r0", **{**GREEDY, "max_new_tokens": 400}, api_name="/chat")
+    seen_partial = False
+    while not job.done():
+        seen_partial = seen_partial or len(job.outputs()) > 0
+        time.sleep(0.005)
+    outs = job.outputs()
+    assert seen_partial, "no output arrived before the generation finished"
+    assert len(outs) > 10
+    assert all(b.startswith(a) for a, b in zip(outs, outs[1:]))  # growing text, in order
+    assert len(set(outs)) > 10 and outs[-1] == job.result()
+
+
+def test_selecting_an_adapter_changes_the_answer_and_base_restores_it(app):
+    c = client(app)
+    base1 = ask(c, "base")
+    r0 = ask(c, "adapter:r0")
+    base2 = ask(c, "base")
+    r1 = ask(c, "adapter:r1")
+    merged = ask(c, "merged:r0")
+    assert base1 == base2 and len({base1, r0, r1}) == 3 and merged == r0
+    # and they are the real models' answers, not just different strings
+    assert r0 == reference_answer(app.base, Q, app.runs / "r0" / "adapter", 24)
+    assert base1.strip() == reference_answer(app.base, Q, None, 24).strip()
+
+
+def test_two_concurrent_clients_on_different_models_get_what_one_alone_gets(app):
+    settings = dict(max_new_tokens=150, temperature=0.8, top_p=0.95, seed=42)
+    a, b = client(app), client(app)
+    alone_a, alone_b = ask(a, "adapter:r0", **settings), ask(b, "adapter:r1", **settings)
+    assert alone_a != alone_b
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], app.engine.active())
+            time.sleep(0.002)
+
+    threading.Thread(target=watch, daemon=True).start()
+    for _ in range(2):
+        ja = a.submit(Q, [], "adapter:r0", **{**GREEDY, **settings}, api_name="/chat")
+        jb = b.submit(Q, [], "adapter:r1", **{**GREEDY, **settings}, api_name="/chat")
+        assert (ja.result(), jb.result()) == (alone_a, alone_b)
+    stop.set()
+    assert peak[0] >= 2, "the two requests never ran at the same time"
+
+
+def test_stop_ends_a_generation(app):
+    c = client(app)
+    job = c.submit(Q, [], "adapter:r0", **{**GREEDY, "max_new_tokens": 900}, api_name="/chat")
+    while len(job.outputs()) < 3:
+        assert not job.done(), "finished before it could be stopped"
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    assert c.predict(api_name="/stop") == 1
+    text = job.result()
+    assert time.perf_counter() - t0 < 3
+    assert app.engine.active() == 0
+    full = ask(c, "adapter:r0", max_new_tokens=900)
+    assert full.startswith(text) and len(text) < len(full)
+    # a client that goes away (job.cancel) also frees the slot
+    job = c.submit(Q, [], "adapter:r1", **{**GREEDY, "max_new_tokens": 900}, api_name="/chat")
+    while len(job.outputs()) < 3:
+        time.sleep(0.01)
+    job.cancel()
+    deadline = time.time() + 5
+    while app.engine.active() and time.time() < deadline:
+        time.sleep(0.02)
+    assert app.engine.active() == 0
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../runs/r0/adapter", "runs/r0/merged",
+                                  "HuggingFaceTB/SmolLM2-135M-Instruct", "adapter:missing"])
+def test_an_unregistered_model_name_is_refused(app, name):
+    from gradio_client.exceptions import AppError
+
+    before = app.engine.loaded()
+    with pytest.raises(AppError, match="not registered"):
+        ask(client(app), name)
+    assert app.engine.loaded() == before
+
+
+def test_models_and_refresh_endpoints(app):
+    c = client(app)
+    ids = [m["id"] for m in c.predict(api_name="/models")]
+    assert ids == ["base", "adapter:r0", "adapter:r1", "merged:r0"]
+    make_adapter(app.base, app.runs / "late", seed=21)
+    try:
+        ids = [m["id"] for m in c.predict(api_name="/refresh")]
+        assert "adapter:late" in ids
+        assert ask(c, "adapter:late") == reference_answer(app.base, Q, app.runs / "late" / "adapter", 24)
+    finally:
+        shutil.rmtree(app.runs / "late")
+        c.predict(api_name="/refresh")
+
+
+def test_settings_errors_reach_the_client(app):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="temperature"):
+        ask(client(app), "base", temperature=9.0)
+
+
+@pytest.mark.timeout(180)
+def test_python_launch_py_serves_the_app(app, tmp_path):
+    """`python launch.py` as a user runs it: prepares the base, serves, answers."""
+    from gradio_client import Client
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("SPACE_ID", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), "--runs", str(app.runs), "--base",
+         str(app.base), "--port", str(port), "--device", "cpu"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.time() + 150
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if f"127.0.0.1:{port}" in line:
+                break
+        log = "".join(lines)
+        assert f"127.0.0.1:{port}" in log, log
+        assert "preparing base model" in log and "model(s) ready" in log
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        assert ask(c, "adapter:r1") == reference_answer(app.base, Q, app.runs / "r1" / "adapter", 24)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_space_mode_pulls_configured_models_and_binds_as_spaces_expect(app, tmp_path, monkeypatch):
+    """SPACE_ID set: 0.0.0.0:$PORT, space_config.json models pulled, spaces.GPU wraps generation."""
+    import launch
+    import medchat.app
+
+    runs = tmp_path / "runs"
+    cfg = tmp_path / "space_config.json"
+    cfg.write_text(json.dumps({"base_model": str(app.base), "models": ["owner/medqa"]}))
+    pulled, gpu_calls, served = [], [], {}
+
+    def fake_pull(repo_id, revision=None, runs_dir=None):
+        target = Path(runs_dir) / repo_id.replace("/", "--")
+        shutil.copytree(app.runs / "r1", target, ignore=shutil.ignore_patterns("merged"))
+        pulled.append((repo_id, revision, Path(runs_dir)))
+        return target
+
+    pull_mod = types.ModuleType("hub.pull")
+    pull_mod.pull = fake_pull
+    pull_mod.__spec__ = importlib.machinery.ModuleSpec("hub.pull", None)
+    spaces_mod = types.ModuleType("spaces")
+
+    def GPU(fn):  # noqa: N802 - like spaces.GPU: functools.wraps around a generator
+        @functools.wraps(fn)
+        def wrapped(*a, **k):
+            gpu_calls.append(fn.__name__)
+            yield from fn(*a, **k)
+        return wrapped
+
+    spaces_mod.GPU = GPU
+    monkeypatch.setitem(sys.modules, "hub.pull", pull_mod)
+    monkeypatch.setitem(sys.modules, "spaces", spaces_mod)
+    port = free_port()
+    monkeypatch.setenv("SPACE_ID", "owner/medchat-space")
+    monkeypatch.setenv("PORT", str(port))
+    monkeypatch.setenv("MEDCHAT_SPACE_CONFIG", str(cfg))
+
+    real_serve = medchat.app.serve
+
+    def fake_serve(demo, host, port, share, **kw):  # record the binding, serve on loopback
+        served.update(host=host, port=port, share=share, demo=demo)
+        real_serve(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+
+    monkeypatch.setattr(medchat.app, "serve", fake_serve)
+    assert launch.main(["--runs", str(runs), "--device", "cpu"]) == 0
+    try:
+        assert served["host"] == "0.0.0.0" and served["port"] == port and not served["share"]
+        assert pulled == [("owner/medqa", None, runs)]
+        from gradio_client import Client
+
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        ids = [m["id"] for m in c.predict(api_name="/models")]
+        assert ids == ["base", "adapter:owner--medqa"]
+        got = ask(c, "adapter:owner--medqa")
+        assert got == reference_answer(app.base, Q, runs / "owner--medqa" / "adapter", 24)
+        assert "chat" in gpu_calls
+    finally:
+        served["demo"].close()
+
+
+def test_space_config_errors_name_the_file_and_field(tmp_path):
+    import launch
+
+    bad = tmp_path / "space_config.json"
+    bad.write_text('{"models": "owner/repo"}')
+    with pytest.raises(launch.ConfigError, match="space_config.json: field models"):
+        launch.load_space_config(bad)
+    bad.write_text("{oops")
+    with pytest.raises(launch.ConfigError, match="line 1: invalid JSON"):
+        launch.load_space_config(bad)
+    ok = tmp_path / "ok.json"
+    ok.write_text('{"base_model": "o/b", "models": ["o/a"]}')
+    assert launch.load_space_config(ok) == launch.SpaceConfig("o/b", ["o/a"])

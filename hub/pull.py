@@ -14,6 +14,8 @@ Public repos need no token; private ones use HF_TOKEN or the stored login.
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import os
 import shutil
@@ -120,6 +122,7 @@ def pull(repo_id: str, revision: str | None = None, runs_dir=None,
     from hub.card import looks_like_repo_id
 
     repo_id = (repo_id or "").strip()
+    revision = (revision or "").strip() or None
     if not looks_like_repo_id(repo_id):
         raise HubError(f"repo id {repo_id!r}: expected OWNER/NAME, e.g. "
                        "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -142,11 +145,14 @@ def pull(repo_id: str, revision: str | None = None, runs_dir=None,
     if not any(f.endswith(".safetensors") for f in files):
         raise HubError(f"'{repo_id}' has no *.safetensors weights (medchat does not load pickled "
                        ".bin files); ask its owner for safetensors or convert it")
+    # top-level files only: what from_pretrained reads (not checkpoints in subfolders)
+    wanted = sorted(glob.escape(f) for f in files if "/" not in f
+                    and any(fnmatch.fnmatchcase(f, p) for p in PULL_PATTERNS))
     with staged_dir(target, overwrite=True) as tmp:
         dl = tmp / kind
         # retried as a whole: downloads are idempotent and resume into the same folder
         hub_call(f"download '{repo_id}'", lambda: snapshot_download(
-            repo_id, revision=info.sha, local_dir=dl, allow_patterns=PULL_PATTERNS, token=tok,
+            repo_id, revision=info.sha, local_dir=dl, allow_patterns=wanted, token=tok,
             endpoint=endpoint), repo_id=repo_id, retry_all=True)
         shutil.rmtree(dl / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
         for name in RUN_LEVEL_FILES:

@@ -13,7 +13,7 @@ It implements what the client calls for push, pull and Spaces (huggingface_hub 2
     POST /api/{type}s/{repo}/commit/{rev}                 ndjson commit (regular + LFS files)
     POST /api/{type}s/{repo}/branch/{branch}              create a branch
     POST /[{type}s/]{repo}.git/info/lfs/objects/batch     LFS batch (basic transfer)
-    PUT  /_lfs/upload/{oid}?sig=...                       pre-signed LFS upload (no bearer)
+    PUT  /_lfs/upload/{oid}?repo=...&sig=...              pre-signed LFS upload (no bearer)
     POST /_lfs/verify                                     LFS verify
     HEAD|GET /[{type}s/]{repo}/resolve/{rev}/{path}       download with X-Repo-Commit / ETag
 
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 DEFAULT_TOKEN = "hf_FakeHubTestToken0123456789abcdefXYZ"
 DEFAULT_USER = "test-user"
@@ -90,6 +90,7 @@ class Repo:
     sdk: str | None
     commits: dict[str, Commit] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
+    lfs_objects: set[str] = field(default_factory=set)  # LFS storage is per repo, as on the Hub
 
 
 class HubHTTPError(Exception):
@@ -115,6 +116,8 @@ class FakeHub:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lock = threading.RLock()
         self.stats: collections.Counter[str] = collections.Counter()  # endpoint -> requests
+        self.bytes_in: collections.Counter[str] = collections.Counter()  # endpoint -> body bytes
+        self.bytes_out: collections.Counter[str] = collections.Counter()  # endpoint -> body bytes
         self.lfs_uploads: list[str] = []  # oids received through PUT /_lfs/upload
         self.blob_writes = 0  # new blobs stored (LFS or regular)
         self.commits: list[tuple[str, str, str]] = []  # (repo_id, commit oid, title)
@@ -237,8 +240,8 @@ class FakeHub:
             self._new_commit(repo, "main", files, "initial commit")
             return repo
 
-    def sign(self, oid: str) -> str:
-        return hmac.new(self._secret, oid.encode(), "sha256").hexdigest()
+    def sign(self, repo_key: str, oid: str) -> str:
+        return hmac.new(self._secret, f"{repo_key}\0{oid}".encode(), "sha256").hexdigest()
 
 
 def _is_lfs_path(path: str, size: int, sample: bytes) -> bool:
@@ -264,6 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._status = 0
         self._consumed = False  # one handler serves every request of a keep-alive connection
+        self._endpoint = "unrouted"
         url = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path
@@ -274,6 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
                 match = rx.fullmatch(path)
                 if not match:
                     continue
+                self._endpoint = name
                 with self.hub.lock:
                     self.hub.stats[name] += 1
                     if self.headers.get("authorization"):
@@ -323,6 +328,12 @@ class _Handler(BaseHTTPRequestHandler):
         if getattr(self, "_consumed", False):
             return
         self._consumed = True
+        for block in self._read_body():
+            with self.hub.lock:
+                self.hub.bytes_in[self._endpoint] += len(block)
+            yield block
+
+    def _read_body(self):
         total = 0
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
@@ -375,6 +386,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+            with self.hub.lock:
+                self.hub.bytes_out[self._endpoint] += len(body)
 
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
@@ -569,7 +582,8 @@ class _Handler(BaseHTTPRequestHandler):
                     files[path] = self.hub._entry_for(data, lfs=False)
                 elif key == "lfsFile":
                     blob = self.hub.blob_path(value["oid"])
-                    if not blob.exists() or blob.stat().st_size != int(value["size"]):
+                    if (value["oid"] not in r.lfs_objects
+                            or blob.stat().st_size != int(value["size"])):
                         raise HubHTTPError(422, f"LFS object {value['oid']} for {path} was not "
                                                 "uploaded")
                     files[path] = FileEntry(value["oid"], int(value["size"]), True, git_blob_sha1(
@@ -603,22 +617,23 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("operation") != "upload":
             raise HubHTTPError(400, "only the upload operation is supported")
         objects = []
+        key = f"{r.repo_type}:{r.repo_id}"
         for obj in body.get("objects", []):
             oid, size = obj["oid"], int(obj["size"])
-            blob = self.hub.blob_path(oid)
-            if blob.exists() and blob.stat().st_size == size:
-                objects.append({"oid": oid, "size": size})  # no actions: already stored
+            if oid in r.lfs_objects:
+                objects.append({"oid": oid, "size": size})  # no actions: this repo has it
                 continue
+            query = urlencode({"repo": key, "sig": self.hub.sign(key, oid)})
             objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-                "upload": {"href": f"{self._base()}/_lfs/upload/{oid}?sig={self.hub.sign(oid)}"},
+                "upload": {"href": f"{self._base()}/_lfs/upload/{oid}?{query}"},
                 "verify": {"href": f"{self._base()}/_lfs/verify"},
             }})
-        del r
         self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
                    content_type="application/vnd.git-lfs+json")
 
     def lfs_upload(self, oid: str) -> None:
-        if not hmac.compare_digest(self.query.get("sig", ""), self.hub.sign(oid)):
+        key = self.query.get("repo", "")
+        if not hmac.compare_digest(self.query.get("sig", ""), self.hub.sign(key, oid)):
             raise HubHTTPError(403, "invalid upload signature")
         h = hashlib.sha256()
         tmp = self.hub.blob_path(oid).with_suffix(f".{secrets.token_hex(4)}.part")
@@ -634,6 +649,9 @@ class _Handler(BaseHTTPRequestHandler):
                     tmp.replace(self.hub.blob_path(oid))
                     self.hub.blob_writes += 1
                 self.hub.lfs_uploads.append(oid)
+                repo = self.hub.repos.get(tuple(key.split(":", 1)))  # type: ignore[arg-type]
+                if repo is not None:
+                    repo.lfs_objects.add(oid)
         finally:
             tmp.unlink(missing_ok=True)
         self._send(200, b"", {"ETag": f'"{oid}"'})

@@ -126,7 +126,10 @@ def test_plain_peft_repo_without_manifest(fake_hub, adapter_run, tmp_path):
                       allow_patterns=["*.safetensors", "tokenizer*", "chat_template.jinja"])
     api.upload_file(path_or_fileobj=json.dumps(cfg).encode(), path_in_repo="adapter_config.json",
                     repo_id=f"{DEFAULT_USER}/plain-peft")
+    api.upload_file(path_or_fileobj=b"\0" * 32, repo_id=f"{DEFAULT_USER}/plain-peft",
+                    path_in_repo="checkpoint-10/adapter_model.safetensors")
     run = pull(f"{DEFAULT_USER}/plain-peft", runs_dir=tmp_path / "runs")
+    assert not (run / "adapter" / "checkpoint-10").exists()  # only what from_pretrained reads
     m = load_manifest(run)
     assert m.kind == "adapter" and m.base_model.hub_id == BASE_REPO
     assert m.chat_template and m.eos_tokens == ["<|im_end|>"]

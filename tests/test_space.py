@@ -179,4 +179,7 @@ def test_space_started_from_its_bundle_streams_a_pushed_model(fake_hub, tmp_path
     assert final == want and len(pieces) >= 2  # streamed: several growing partial answers
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
     assert (tmp_path / "space-runs" / "test-user--tiny-adapter" / "adapter").is_dir()
-    assert not any(str(ROOT) in line for line in text.splitlines() if "File \"" in line)
+    # the app ran on the bundle's code alone: outside it, this interpreter has no medchat/hub
+    outside = subprocess.run([sys.executable, "-c", "import hub.pull"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+    assert outside.returncode != 0 and "No module named 'hub'" in outside.stderr

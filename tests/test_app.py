@@ -270,3 +270,15 @@ def test_space_config_errors_name_the_file_and_field(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text('{"base_model": "o/b", "models": ["o/a"]}')
     assert launch.load_space_config(ok) == launch.SpaceConfig("o/b", ["o/a"])
+
+
+def test_app_modules_import_without_training_packages():
+    """The app (and a Space) must not need bitsandbytes/deepspeed or the training entry points:
+    importing its modules pulls in none of them (torch/transformers/peft load on first use)."""
+    code = ("import sys, launch, medchat.app, medchat.engine, medchat.registry, medchat.terminal; "
+            "print(sorted(m for m in ('deepspeed', 'bitsandbytes', 'training.run', "
+            "'training.merge', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,218 @@
+"""Side-by-side: time to first token and tokens/s through the running app vs `generate` directly.
+
+    python bench/app_overhead.py [--base HuggingFaceTB/SmolLM2-135M-Instruct] [--reps 5]
+                                 [--max-new-tokens 64] [--results bench/results/app.md]
+
+  app      `python launch.py` in its own process (as users start it), driven with gradio_client
+           over loopback: /chat with the model name and greedy settings; the app's engine
+           streams through Gradio's queue (server-sent events).
+  direct   the same model in this process: `model.generate` (the base, or
+           `PeftModel.from_pretrained(base, adapter)`) with a `TextIteratorStreamer` in a thread,
+           the same prompt ids (manifest template + system prompt), greedy, same max_new_tokens.
+
+TTFT = from the call (client.submit / building the prompt) to the first non-empty text piece.
+Decode rate = new tokens / (last piece - first piece) — tokens after the first, per second.
+Both sides must produce the same text (checked), so they count the same tokens. Runs are
+interleaved (direct, app, direct, app, ...) so both see the same background load; medians.
+The adapter is synthetic (r=16, all linear layers, random small weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+QUESTION = "How should I take metformin, and what side effects should I watch for?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(base: Path, runs: Path, port: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false")
+    env.pop("SPACE_ID", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), "--runs", str(runs), "--base", str(base),
+         "--port", str(port), "--device", "cpu", "--concurrency", "1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    log = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise SystemExit("the app exited:\n" + "".join(log[-40:]))
+        log.append(line)
+        if f"127.0.0.1:{port}" in line:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
+            return proc
+    proc.terminate()
+    raise SystemExit("the app did not start in 300 s:\n" + "".join(log[-40:]))
+
+
+class Direct:
+    def __init__(self, base: Path, adapter: Path | None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from training.encode import ensure_chat_template
+        from training.manifest import DEFAULT_SYSTEM_PROMPT
+
+        self.tok = AutoTokenizer.from_pretrained(base)
+        ensure_chat_template(self.tok)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter).eval()
+        self.model = model
+        self.messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                         {"role": "user", "content": QUESTION}]
+
+    def run(self, max_new_tokens: int) -> dict:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        from training.encode import prompt_ids
+
+        t0 = time.perf_counter()
+        ids = torch.tensor([prompt_ids(self.tok, self.messages)])
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        out: dict = {}
+
+        def gen():
+            with torch.inference_mode():
+                out["ids"] = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+                    eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id,
+                    streamer=streamer)
+
+        th = threading.Thread(target=gen)
+        th.start()
+        first = last = None
+        text = ""
+        for piece in streamer:
+            if piece:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                text += piece
+        th.join()
+        n = int(out["ids"].shape[1] - ids.shape[1])
+        return {"ttft": first - t0, "first": first, "last": last, "text": text, "tokens": n,
+                "total": last - t0}
+
+
+def via_app(client, model: str, max_new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    job = client.submit(QUESTION, [], model, "", max_new_tokens, 0.0, 1.0, 1.0, -1,
+                        api_name="/chat")
+    first = last = None
+    text = ""
+    for out in job:
+        if out:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            text = out
+    return {"ttft": first - t0, "first": first, "last": last, "text": text, "total": last - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--base", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "app.md"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+    from gradio_client import Client
+    from switch_latency import machine, make_runs, write_section
+
+    from training.base_model import resolve_base_model
+
+    base = resolve_base_model(args.base).path
+    load = os.getloadavg()[0]
+    results: dict[str, dict[str, list[dict]]] = {}
+    with tempfile.TemporaryDirectory(prefix="medchat-app-bench-") as tmp:
+        runs = Path(tmp) / "runs"
+        make_runs(base, runs, 1)
+        port = free_port()
+        proc = start_app(base, runs, port)
+        try:
+            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            sides = {"base": Direct(base, None), "adapter:a0": Direct(base, runs / "a0" / "adapter")}
+            for model, direct in sides.items():  # warm-up both paths once
+                direct.run(8)
+                via_app(client, model, 8)
+            for model, direct in sides.items():
+                results[model] = {"direct": [], "app": []}
+                for _ in range(args.reps):
+                    d = direct.run(args.max_new_tokens)
+                    a = via_app(client, model, args.max_new_tokens)
+                    if a["text"] != d["text"]:
+                        raise SystemExit(f"{model}: the app and generate disagree:\n"
+                                         f"app:    {a['text'][:200]!r}\ndirect: {d['text'][:200]!r}")
+                    a["tokens"] = d["tokens"]
+                    results[model]["direct"].append(d)
+                    results[model]["app"].append(a)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    def rate(rows):
+        return statistics.median((r["tokens"] - 1) / (r["last"] - r["first"]) for r in rows)
+
+    cmd = "python bench/app_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        "## Streaming through the app vs calling generate directly",
+        "",
+        f"Base `{args.base}` (float32, CPU), greedy, {args.max_new_tokens} new tokens max, "
+        "same prompt ids on both sides (identical output text, checked). App = `python "
+        "launch.py` in its own process, measured with gradio_client over loopback; direct = "
+        "`model.generate` + `TextIteratorStreamer` in this process (for the adapter: "
+        "`PeftModel.from_pretrained`). TTFT = call -> first text piece; decode = tokens after "
+        "the first / (last piece - first piece). Medians.",
+        "",
+        "| model | tokens | direct TTFT | app TTFT | TTFT added | direct decode | app decode "
+        "| decode lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, r in results.items():
+        dt, at = med(r["direct"], "ttft"), med(r["app"], "ttft")
+        dr, ar = rate(r["direct"]), rate(r["app"])
+        lines.append(f"| {model} | {r['direct'][0]['tokens']} | {dt * 1e3:.0f} ms | "
+                     f"{at * 1e3:.0f} ms | {(at - dt) / dt * 100:+.1f}% | {dr:.1f} tok/s | "
+                     f"{ar:.1f} tok/s | {(dr - ar) / dr * 100:+.1f}% |")
+        print(lines[-1], file=sys.stderr)
+    lines += ["", f"{args.reps} runs per side and model, interleaved (direct, app, direct, ...). "
+              f"Machine: {machine().rsplit(', load', 1)[0]}, load average {load:.1f} at start.",
+              "", f"Command: `{cmd.strip()}`"]
+    text = "\n".join(lines)
+    print(text)
+    write_section(Path(args.results), "app_overhead", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

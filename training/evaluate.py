@@ -307,6 +307,10 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions | None = None) -> dict[s
                        "max_new_tokens": opts.max_new_tokens, "batch_size": opts.batch_size,
                        "eos_token_ids": eos, "seed": opts.seed},
         "test_loss_max_length": max_length,
+        # what each column is: QLoRA runs are evaluated on the unquantised base, like the merge
+        "sources": {k: {"base": f"{base_dir} (unquantised)",
+                        "adapter": f"{base_dir} (unquantised) + {run_dir / 'adapter'} via peft",
+                        "merged": str(run_dir / "merged")}[k] for k in scores},
         "metrics": {"rougeL": "rouge_score ROUGE-L F1 (stemmed), mean x100",
                     "bleu": "sacrebleu corpus BLEU", "token_f1": "SQuAD token F1, mean x100"},
         "models": {k: {key: round(v, 4) if isinstance(v, float) else v for key, v in s.items()}

@@ -112,7 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("medchat").setLevel(logging.INFO)  # model loads, attaches, evictions
     gpu = None
     if args.space:
         try:  # ZeroGPU: spaces must be imported before anything initializes CUDA
@@ -165,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                         base_hub_id=resolved.hub_id)
     for problem in registry.problems:
         print(f"warning: {problem}", file=sys.stderr)
+    if args.model and args.model not in registry.ids():
+        print(f"error: --model {args.model!r} is not registered; choose one of: "
+              f"{', '.join(registry.ids())}", file=sys.stderr)
+        return 2
     engine = Engine(registry, device=args.device, max_cached_models=args.max_cached_models,
                     max_context=args.max_context)
     t1 = time.perf_counter()

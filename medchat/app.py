@@ -319,6 +319,8 @@ def build_app(engine: Engine, registry: Registry, *, allow_pull: bool = True,
 
         def on_refresh(current, a, b):
             registry.refresh()
+            # attach new adapters in the background so the first answer from them is quick
+            threading.Thread(target=engine.preload, daemon=True).start()
             choices, ids = registry.choices(), registry.ids()
             keep = [v if v in ids else BASE_ID for v in (current, a, b)]
             qs = registry.examples(limit=8, model_id=keep[0]) or FALLBACK_EXAMPLES

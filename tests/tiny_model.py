@@ -42,7 +42,7 @@ def build_tokenizer(vocab_size: int = 512):
 
 
 def build_tiny_model(folder: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2,
-                     tie_word_embeddings: bool = True) -> Path:
+                     tie_word_embeddings: bool = True, init_std: float = 0.02) -> Path:
     """Write a random tiny Llama + tokenizer to `folder`; returns the folder."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -54,7 +54,7 @@ def build_tiny_model(folder: str | Path, seed: int = 0, hidden: int = 64, layers
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=1024, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id)
+        pad_token_id=tok.pad_token_id, initializer_range=init_std)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(

@@ -230,7 +230,8 @@ def _callbacks(run_dir: Path):
     return [LossLog()]
 
 
-def train(prep: Prepared, resume: bool = False) -> tuple[Any, dict[str, Any]]:
+def train(prep: Prepared, resume: bool = False, model=None) -> tuple[Any, dict[str, Any]]:
+    """Run the Trainer (DeepSpeed when configured); `model` may be preloaded by load_model."""
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -241,7 +242,7 @@ def train(prep: Prepared, resume: bool = False) -> tuple[Any, dict[str, Any]]:
     ds_cfg = deepspeed_config(cfg)
     if ds_cfg is not None:
         ensure_dist_env()
-    model = load_model(cfg, prep.base_path)
+    model = model if model is not None else load_model(cfg, prep.base_path)
     if is_main():
         model.print_trainable_parameters()
     bf16 = torch_dtype(cfg.model.dtype) == torch.bfloat16

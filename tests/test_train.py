@@ -1,0 +1,168 @@
+"""The real training path on CPU with a tiny model: QLoRA (bitsandbytes NF4) + LoRA + gradient
+checkpointing + DeepSpeed ZeRO-2 + packing, in subprocesses (DeepSpeed owns torch.distributed)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+QA = [
+    ("What is aspirin used for?", "Aspirin relieves pain and fever."),
+    ("How should I take metformin?", "Take metformin with meals."),
+    ("Can I drink alcohol with ibuprofen?", "Alcohol raises the risk of stomach bleeding."),
+    ("What are side effects of lisinopril?", "Cough and dizziness are common."),
+    ("Is acetaminophen safe in pregnancy?", "Ask your doctor or pharmacist first."),
+    ("How do I store insulin?", "Keep unopened insulin in the fridge."),
+    ("What does a tablet dose mean?", "It is the amount in one tablet."),
+    ("When should I take a daily dose?", "Take it at the same time each day."),
+]
+
+
+def _env(tmp_path):
+    env = dict(os.environ)
+    env.update({"MEDCHAT_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1",
+                "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1"})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:  # torchrun's --master_port 0 hangs the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def learnable_model_dir(tmp_path_factory):
+    """Tiny model with a wider init: with std 0.02 a 64-wide tied head caps logits so low that
+    no LoRA update can fit even 8 answers; std 0.2 makes memorisation a fair test."""
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("learnable") / "m", init_std=0.2)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    p = tmp_path / "qa.jsonl"
+    p.write_text("\n".join(json.dumps({"instruction": q, "output": a}) for q, a in QA) + "\n")
+    return p
+
+
+def _settings(model_dir, data, **extra):
+    s = {"model.name": str(model_dir), "data.path": str(data), "data.test_size": 0.25,
+         "data.stratify": "null", "data.max_length": 256, "train.grad_accum": 1,
+         "train.learning_rate": 3e-3, "train.warmup_ratio": 0, "lora.r": 8, "lora.alpha": 16,
+         "lora.dropout": 0, "train.lr_scheduler": "constant", "model.quantization": "nf4",
+         "model.gradient_checkpointing": "true", "train.deepspeed": "zero2"}
+    s.update(extra)
+    return [x for k, v in s.items() for x in ("--set", f"{k}={v}")]
+
+
+def _run(args, env, timeout=300, launcher=None):
+    cmd = (launcher or [sys.executable, "-m"]) + ["training.run"] + args
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+@pytest.mark.timeout(400)
+def test_qlora_zero2_trains_and_only_lora_changes(tmp_path, learnable_model_dir, tiny_data):
+    """Loss falls on a set it can memorise; LoRA weights change, the (4-bit) base does not."""
+    driver = textwrap.dedent(f"""
+        import json, torch, sys
+        from training.config import build_config
+        from training.run import prepare, load_model, train, save, held_out_losses
+        cfg = build_config("cpu-smollm2", {_settings(learnable_model_dir, tiny_data, **{"train.max_steps": 60, "name": "q"})[1::2]!r})
+        prep = prepare(cfg)
+        model = load_model(cfg, prep.base_path)
+        import bitsandbytes as bnb
+        n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        before = {{k: v.detach().clone() for k, v in model.state_dict().items()}}
+        trainer, stats = train(prep, model=model)
+        after = trainer.model.state_dict()
+        lora = [k for k in before if "lora_" in k]
+        base = [k for k in before if "lora_" not in k]
+        # compare bytes: packed NF4 data stored as float32 holds NaN bit patterns (NaN != NaN)
+        same = lambda k: torch.equal(before[k].contiguous().view(torch.uint8), after[k].contiguous().view(torch.uint8))
+        out = dict(n4bit=n4, stats=stats,
+                   lora_changed=sum(not same(k) for k in lora), n_lora=len(lora),
+                   base_changed=[k for k in base if not same(k)], n_base=len(base),
+                   ds=type(trainer.model_wrapped).__name__)
+        metrics = held_out_losses(prep, trainer.model)
+        save(prep, trainer.model, stats, metrics)
+        out["metrics"] = metrics
+        print("RESULT" + json.dumps(out))
+    """)
+    env = _env(tmp_path)
+    r = subprocess.run([sys.executable, "-c", driver], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=380)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert res["n4bit"] > 0, "the base was not quantised to NF4"
+    assert res["ds"] == "DeepSpeedEngine", "DeepSpeed did not wrap the model"
+    assert res["lora_changed"] == res["n_lora"] > 0
+    assert res["base_changed"] == [] and res["n_base"] > 0
+    st = res["stats"]
+    assert st["last_loss"] < 0.5 * st["first_loss"], st
+    # run folder contract
+    run = tmp_path / "runs" / "q"
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k for k in weights) and not list(run.glob("adapter/*.bin"))
+    man = json.loads((run / "medchat.json").read_text())
+    assert man["chat_template"] and man["eos_tokens"] == ["<|im_end|>"]
+    assert man["dataset"]["sizes"] == {"train": 6, "test": 2, "val": 0}
+    assert (run / man["dataset"]["files"]["test"]).is_file()
+    assert man["training"]["config"]["model"]["quantization"] == "nf4"
+    losses = [json.loads(x) for x in (run / "logs" / "loss.jsonl").read_text().splitlines()]
+    assert len([x for x in losses if "loss" in x]) == 60
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert not list(tmp_path.glob("runs/q/.adapter*"))  # nothing half-written left
+
+
+@pytest.mark.timeout(500)
+def test_cli_resume_continues_from_checkpoint(tmp_path, learnable_model_dir, tiny_data):
+    env = _env(tmp_path)
+    base = _settings(learnable_model_dir, tiny_data, **{"train.save_steps": 3, "model.quantization": "none",
+                                                   "model.gradient_checkpointing": "false",
+                                                   "train.eval_test_loss": "false"})
+    r = _run(base + ["--name", "r", "--set", "train.max_steps=3"], env)
+    assert "medchat run 'r' finished" in r.stderr
+    run = tmp_path / "runs" / "r"
+    assert (run / "checkpoints" / "checkpoint-3").is_dir()
+    # a second plain run refuses to clobber the adapter
+    r2 = subprocess.run([sys.executable, "-m", "training.run", "--name", "r"] + base, env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 2 and "--resume" in r2.stderr
+    _run(base + ["--name", "r", "--set", "train.max_steps=6", "--resume"], env)
+    state = json.loads((run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    steps = [json.loads(x)["step"] for x in (run / "logs" / "loss.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 4, not restarted at 1
+
+
+@pytest.mark.timeout(500)
+def test_two_process_data_parallel_run(tmp_path, learnable_model_dir, tiny_data):
+    env = _env(tmp_path)
+    torchrun = [shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun"),
+                "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m"]
+    args = _settings(learnable_model_dir, tiny_data, **{"train.max_steps": 4, "model.quantization": "none",
+                                                   "model.gradient_checkpointing": "false",
+                                                   "train.eval_test_loss": "false"})
+    _run(args + ["--name", "dp"], env, launcher=torchrun)
+    man = json.loads((tmp_path / "runs" / "dp" / "medchat.json").read_text())
+    assert man["training"]["world_size"] == 2 and man["training"]["steps"] == 4
+    assert (tmp_path / "runs" / "dp" / "adapter" / "adapter_model.safetensors").is_file()

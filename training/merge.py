@@ -559,6 +559,7 @@ def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
 
     t0 = time.perf_counter()
     base_dir, adapter_dir, output = Path(base_dir), Path(adapter_dir), Path(output_dir)
+    shard_label = str(max_shard_size)
     if isinstance(max_shard_size, str):
         try:
             max_shard_size = parse_size_to_int(max_shard_size)
@@ -584,11 +585,13 @@ def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
                      "weight_map": dict(sorted(split.tensor_to_filename.items()))}
             atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")
             _copy_side_files(base_dir, adapter_dir, tmp, plan, chat_template, eos_tokens or [])
+            for p in tmp.iterdir():  # temp files are created private; the model is not secret
+                p.chmod(0o644)
     finally:
         bar.close()
         reader.close()
     return MergeResult(str(output), len(split.filename_to_tensors), plan.total_bytes,
-                       f"{max_shard_size}", dtype, plan.untie, adapter.describe(),
+                       shard_label, dtype, plan.untie, adapter.describe(),
                        round(time.perf_counter() - t0, 2))
 
 

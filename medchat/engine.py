@@ -348,10 +348,6 @@ class Engine:
         """Models in memory and the adapters attached to each (for status displays and tests)."""
         return {k: sorted(s.adapters) for k, s in list(self._slots.items())}
 
-    def context_of(self, model: str) -> int:
-        slot, _, _ = self._prepare(self.registry.get(model))
-        return slot.context
-
     # -- models ----------------------------------------------------------------------------------
 
     def _base_folder(self, ref: BaseModelRef) -> Path:
@@ -451,10 +447,12 @@ class Engine:
                 if slot.peft is None:
                     from peft import PeftModel
 
+                    # low_cpu_mem_usage: no random init of LoRA weights about to be overwritten
                     slot.peft = PeftModel.from_pretrained(slot.model, str(path), adapter_name=name,
-                                                          is_trainable=False)
+                                                          is_trainable=False, low_cpu_mem_usage=True)
                 else:
-                    slot.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                    slot.peft.load_adapter(str(path), adapter_name=name, is_trainable=False,
+                                           low_cpu_mem_usage=True)
             except (OSError, ValueError, RuntimeError, KeyError) as e:
                 raise EngineError(
                     f"{path}: the adapter does not fit the base model {slot.key} "

@@ -275,7 +275,8 @@ class Registry:
             except (DataError, OSError) as e:
                 log.warning("%s: no examples (%s)", test, e)
                 continue
-            questions = [c.question.strip() for c in convs if c.question.strip()]
+            # the dataset repeats some questions; show each once
+            questions = list(dict.fromkeys(c.question.strip() for c in convs if c.question.strip()))
             if questions:
                 return questions[:limit]
         return []

@@ -155,3 +155,17 @@ def test_failed_convert_leaves_no_output(tmp_path):
     out = tmp_path / "out.jsonl"
     assert data_main(["convert", str(bad), "-o", str(out)]) == 2
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_csv_through_datasets_with_column_mapping(tmp_path):
+    import csv
+
+    p = tmp_path / "qa.csv"
+    with p.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Q", "A", "Type"])
+        w.writerow(["what is aspirin for", "pain", "Indication"])
+        w.writerow(["how to store insulin", "", "Storage"])
+    convs, problems = collect(p, columns={"question": "Q", "answer": "A", "question_type": "Type"})
+    assert len(convs) == 1 and convs[0].meta["question_type"] == "Indication"
+    assert problems == [f"{p} row 3, column 'A': empty; give it text or drop the record"]

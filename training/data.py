@@ -6,8 +6,9 @@ provenance -> XTuner-form JSONL on disk, and a deterministic, leakage-free split
     python -m training.data check DATA                     # like xtuner check-custom-dataset
 
 Every problem a user can cause is reported with the file and row/line and what to do.
-Loading goes through `datasets` (Dataset.from_list / load_dataset('json', ...)), so a Hub
-dataset id or any file `datasets` reads works too.
+JSON/JSONL is validated line by line here (so errors carry line numbers, which `datasets`'
+JSON loader cannot give); encoding maps over a `datasets.Dataset`; CSV/Parquet/Arrow files and
+Hub dataset ids go through `datasets.load_dataset`.
 """
 
 from __future__ import annotations
@@ -258,16 +259,18 @@ def collect(path: str | os.PathLike, fmt: str = "auto", sheet: str = "DrugQA",
     p = Path(str(path)).expanduser()
     if not p.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):
-            return _collect_hub(str(path), fmt, system_prompt)
+            return _collect_hub(str(path), fmt, system_prompt, columns)
         raise DataError(f"{path}: no such file; pass --data with a .xlsx, .json or .jsonl file "
                         "(MedicationQA: github.com/abachaa/Medication_QA_MedInfo2019)")
     if p.is_dir():
         raise DataError(f"{p}: is a folder; pass one data file")
     if fmt == "xlsx" or (fmt == "auto" and p.suffix.lower() in (".xlsx", ".xlsm")):
         return read_spreadsheet(p, sheet, columns, system_prompt)
+    if p.suffix.lower() in DATASETS_BUILDERS:
+        return _collect_hub(str(p), fmt, system_prompt, columns, data_file=p)
     if p.suffix.lower() not in (".json", ".jsonl") and fmt == "auto":
-        raise DataError(f"{p}: unknown file type {p.suffix!r}; use .xlsx, .json or .jsonl "
-                        "(or set data.format)")
+        raise DataError(f"{p}: unknown file type {p.suffix!r}; use .xlsx, .json, .jsonl, .csv "
+                        "or .parquet (or set data.format)")
     records, problems = _iter_json_records(p)
     convs = []
     for where, rec in records:
@@ -280,22 +283,45 @@ def collect(path: str | os.PathLike, fmt: str = "auto", sheet: str = "DrugQA",
     return convs, problems
 
 
-def _collect_hub(name: str, fmt: str, system_prompt: str | None) -> tuple[list[Conversation], list[str]]:
-    """A dataset id for `datasets.load_dataset` (Hub or local script/cache), train split."""
+# File types `datasets` reads by builder name (beyond the JSON forms handled line by line above).
+DATASETS_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def _collect_hub(name: str, fmt: str, system_prompt: str | None,
+                 columns: dict[str, str] | None = None,
+                 data_file: Path | None = None) -> tuple[list[Conversation], list[str]]:
+    """Anything `datasets.load_dataset` reads: a Hub/cached dataset id, or a csv/parquet/arrow file."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split="train")
+        if data_file is not None:
+            kw = {"delimiter": "\t"} if data_file.suffix.lower() == ".tsv" else {}
+            ds = datasets.load_dataset(DATASETS_BUILDERS[data_file.suffix.lower()],
+                                       data_files=str(data_file), split="train", **kw)
+        else:
+            ds = datasets.load_dataset(name, split="train")
     except Exception as e:
-        raise DataError(f"{name}: no such file, and `datasets.load_dataset` failed "
-                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise DataError(f"{name}: {'cannot read' if data_file else 'no such file, and'} "
+                        f"`datasets.load_dataset` failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    columns = columns or DEFAULT_COLUMNS
+    qcol, acol = columns["question"], columns["answer"]
     convs, problems = [], []
     for i, rec in enumerate(ds):
-        c, probs = record_to_conversation(rec, fmt, f"{name} row {i}", system_prompt)
+        where = f"{name} row {i + 2 if data_file else i}"
+        if fmt in ("auto", "xlsx") and isinstance(rec, dict) and qcol in rec and acol in rec:
+            # a table of questions and answers, read like the spreadsheet
+            rec = {"instruction": rec[qcol], "output": rec[acol],
+                   "meta": {k: rec.get(columns[k]) for k in PROVENANCE_KEYS if columns.get(k) in rec}}
+            c, probs = record_to_conversation(rec, "alpaca", where, system_prompt)
+            probs = [x.replace("field instruction", f"column {qcol!r}")
+                     .replace("field output", f"column {acol!r}") for x in probs]
+        else:
+            c, probs = record_to_conversation(rec, fmt, where, system_prompt)
         problems += probs
         if c is not None:
             c.meta.setdefault("source", name)
-            c.meta.setdefault("row", i)
+            c.meta.setdefault("row", i + 2 if data_file else i)
             convs.append(c)
     return convs, problems
 

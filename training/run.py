@@ -230,8 +230,10 @@ def _callbacks(run_dir: Path):
     return [LossLog()]
 
 
-def train(prep: Prepared, resume: bool = False, model=None) -> tuple[Any, dict[str, Any]]:
-    """Run the Trainer (DeepSpeed when configured); `model` may be preloaded by load_model."""
+def train(prep: Prepared, resume: bool = False, model=None,
+          callbacks: list | None = None) -> tuple[Any, dict[str, Any]]:
+    """Run the Trainer (DeepSpeed when configured); `model` may be preloaded by load_model;
+    `callbacks` are extra TrainerCallbacks (bench/gpu_qlora.py times steps with one)."""
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -262,7 +264,7 @@ def train(prep: Prepared, resume: bool = False, model=None) -> tuple[Any, dict[s
     )
     trainer = Trainer(model=model, args=args, train_dataset=prep.train_rows,
                       data_collator=PackedCollator(prep.tokenizer.pad_token_id, packed=cfg.data.pack),
-                      callbacks=_callbacks(prep.run_dir))
+                      callbacks=_callbacks(prep.run_dir) + list(callbacks or []))
     ckpt_dir = prep.run_dir / "checkpoints"
     has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*"))
     if resume and not has_ckpt:

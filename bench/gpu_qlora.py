@@ -167,26 +167,26 @@ def make_tokenizer(dest: Path, source: str | None = None, vocab: int = 32000) ->
 
 
 class CountingRows(list):
-    """The training rows; records the length of each row the DataLoader fetches, in order, so the
-    real (non-padding) and padded tokens of every micro-batch are known exactly."""
+    """The training rows; records the row lengths of each batch the DataLoader fetches, in order
+    (torch's map-style fetcher calls `__getitems__` once per batch), so the real (non-padding)
+    and padded tokens of every micro-batch are known exactly, short last batches included."""
 
     def __init__(self, rows):
         super().__init__(rows)
-        self.fetched: list[int] = []
+        self.batches: list[list[int]] = []
 
-    def __getitem__(self, i):
-        row = super().__getitem__(i)
-        if isinstance(i, int):
-            self.fetched.append(len(row["input_ids"]))
-        return row
+    def __getitems__(self, indices):
+        rows = [list.__getitem__(self, i) for i in indices]
+        self.batches.append([len(r["input_ids"]) for r in rows])
+        return rows
 
-    def window(self, batch: int, first_micro: int, n_micro: int) -> dict[str, int]:
-        real = padded = 0
-        for k in range(first_micro, first_micro + n_micro):
-            lens = self.fetched[k * batch:(k + 1) * batch]
-            real += sum(lens)
-            padded += max(lens, default=0) * len(lens)
-        return {"real_tokens": real, "padded_tokens": padded}
+    def window(self, first_micro: int, n_micro: int) -> dict[str, int]:
+        lens = self.batches[first_micro:first_micro + n_micro]
+        if len(lens) < n_micro:
+            raise RuntimeError(f"{len(self.batches)} batches were fetched, the window needs "
+                               f"{first_micro + n_micro}: the DataLoader did not go through __getitems__")
+        return {"real_tokens": sum(sum(b) for b in lens),
+                "padded_tokens": sum(max(b) * len(b) for b in lens)}
 
 
 def step_timer(rows: CountingRows, warmup: int, steps: int):
@@ -205,7 +205,7 @@ def step_timer(rows: CountingRows, warmup: int, steps: int):
             self.start = None
 
         def on_train_begin(self, args, state, control, **kw):
-            rows.fetched.clear()  # count only what training fetches
+            rows.batches.clear()  # count only what training fetches
             sync()
             self.start = time.perf_counter()
 
@@ -243,9 +243,9 @@ def torch_dtype(spec: Spec):
     return td(spec.dtype)
 
 
-def measured(rows: CountingRows, timer, spec: Spec, batch: int) -> dict[str, Any]:
+def measured(rows: CountingRows, timer, spec: Spec) -> dict[str, Any]:
     seconds = timer.window()
-    tok = rows.window(batch, spec.warmup * spec.grad_accum, spec.steps * spec.grad_accum)
+    tok = rows.window(spec.warmup * spec.grad_accum, spec.steps * spec.grad_accum)
     return {"seconds": round(seconds, 3), **tok,
             "real_tokens_per_s": round(tok["real_tokens"] / seconds, 1),
             "real_tokens_per_step": round(tok["real_tokens"] / spec.steps, 1),
@@ -356,7 +356,7 @@ def phase_ours(spec: Spec, out: dict, flush) -> None:
     flush()
     timer = step_timer(rows, spec.warmup, spec.steps)
     trainer, stats = tr.train(prep, model=model, callbacks=[timer])
-    out.update({**gpu_memory(), **measured(rows, timer, spec, spec.batch)}, train_stats=stats,
+    out.update({**gpu_memory(), **measured(rows, timer, spec)}, train_stats=stats,
                wrapped_by=type(trainer.model_wrapped).__name__, micro_batch=spec.batch)
     flush()
     tr.save(prep, trainer.model, stats, {})  # the run folder the decode phase chats with
@@ -418,7 +418,7 @@ def phase_plain(spec: Spec, out: dict, flush) -> None:
                       callbacks=[timer])
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    out.update({**gpu_memory(), **measured(rows, timer, spec, batch)},
+    out.update({**gpu_memory(), **measured(rows, timer, spec)},
                train_stats={"steps": trainer.state.global_step,
                             "train_loss": round(result.metrics.get("train_loss", float("nan")), 4),
                             "first_loss": losses[0] if losses else None,

@@ -52,13 +52,17 @@ def test_tokenizer_cut_to_32000_keeps_template_and_text(tmp_path):
 
 
 def test_counting_rows_accounts_real_and_padded_tokens():
-    rows = gpu_qlora.CountingRows([{"input_ids": [0] * n} for n in (5, 3, 8, 2, 7, 7)])
-    for i in (0, 1, 2, 3, 4, 5):
-        rows[i]
-    list(rows)  # iterating (as training.run's token count does) is not a fetch
-    assert rows.fetched == [5, 3, 8, 2, 7, 7]
-    # micro-batches of 2: (5,3) (8,2) (7,7); skip the first, measure the next two
-    assert rows.window(2, 1, 2) == {"real_tokens": 8 + 2 + 14, "padded_tokens": 16 + 14}
+    """Through a real DataLoader: batches of 2 over 5 rows, two epochs (a short last batch)."""
+    from torch.utils.data import DataLoader
+
+    rows = gpu_qlora.CountingRows([{"input_ids": [0] * n} for n in (5, 3, 8, 2, 7)])
+    loader = DataLoader(rows, batch_size=2, collate_fn=lambda b: [len(r["input_ids"]) for r in b])
+    seen = [b for _ in range(2) for b in loader]
+    assert seen == [[5, 3], [8, 2], [7]] * 2 and rows.batches == seen
+    # skip the first micro-batch, measure the next three: (8,2) (7) (5,3)
+    assert rows.window(1, 3) == {"real_tokens": 10 + 7 + 8, "padded_tokens": 16 + 7 + 10}
+    with pytest.raises(RuntimeError, match="batches were fetched"):
+        rows.window(5, 2)
 
 
 def test_summary_mfu_ratios_and_targets():

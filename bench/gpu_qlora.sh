@@ -40,5 +40,5 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 # 8 minutes for the whole script: the driver plans its phases to end 15 s before, `timeout` is
 # the backstop (the driver still writes what it measured when stopped).
-export MEDCHAT_BENCH_DEADLINE=$(( t0 + 480 - 15 ))
+export MEDCHAT_BENCH_DEADLINE=$(( t0 + 480 - 15 )) MEDCHAT_BENCH_ENTRY="bash bench/gpu_qlora.sh"
 exec timeout -k 10 $(( t0 + 480 - $(date +%s) )) "$PY" -u bench/gpu_qlora.py "$@"

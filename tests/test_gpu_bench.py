@@ -78,6 +78,23 @@ def test_summary_mfu_ratios_and_targets():
     assert gpu_qlora.summarize(res)["target_memory_8gb"] is False
 
 
+def test_smi_peak_samples_nvml(monkeypatch):
+    """The nvidia-smi column: NVML's device 'used' bytes, sampled, the maximum kept."""
+    import time
+    import types
+
+    readings = iter([1e9, 5e9, 3e9] + [2e9] * 1000)
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: "gpu0",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=next(readings)))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    smi = gpu_qlora.SmiPeak()
+    time.sleep(0.4)
+    assert smi.stop() == 5.0
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: n/a, no thread
+    assert gpu_qlora.SmiPeak().stop() is None
+
+
 def test_wheels_stay_out_of_git():
     """The carried kit (43 MB of wheels, the spreadsheet) must never be committed."""
     r = subprocess.run(["git", "check-ignore", "-q", "bench/wheels/bitsandbytes-0.50.2-py3-none-any.whl"],

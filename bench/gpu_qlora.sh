@@ -20,7 +20,7 @@ t0=$(date +%s)
 # Install what the GPU machine lacks (bitsandbytes, deepspeed, datasets, openpyxl, and the tested
 # transformers/peft) into a private folder put first on PYTHONPATH; where all of it imports
 # already (this project's venv) nothing is installed.
-if [ -n "${MEDCHAT_BENCH_INSTALL:-}" ] || ! "$PY" -c "import bitsandbytes, deepspeed, datasets, openpyxl" 2>/dev/null; then
+if [ -n "${MEDCHAT_BENCH_INSTALL:-}" ] || ! "$PY" -c "import bitsandbytes, deepspeed, datasets, openpyxl" >/dev/null 2>&1; then
   if ! ls "$KIT"/*.whl >/dev/null 2>&1; then
     echo "bitsandbytes/deepspeed/datasets/openpyxl are missing and $KIT holds no wheels:" \
          "run bench/fetch_gpu_wheels.sh on a connected machine and carry $KIT" >&2

@@ -32,8 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.push import (HubError, PlannedFile, commit_files, connect, human_size, hub_call,
-                      hub_endpoint)
+from hub.push import HubError, PlannedFile, commit_files, connect, human_size, hub_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_FILE = "launch.py"
@@ -220,31 +219,39 @@ def _check_hardware(hardware: str) -> str:
 
 def detect_base_model(models: list[str], token: str | None = None) -> str | None:
     """The base model named by the first adapter among `models` (its medchat.json or
-    adapter_config.json on the Hub); None when none says."""
-    from huggingface_hub import hf_hub_download
+    adapter_config.json on the Hub); None when none says or the Hub cannot be reached.
+
+    One plain GET per file, no retries: this only picks a default, and an unreachable Hub
+    should not cost minutes of backoff (the push itself retries)."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
 
     from hub.card import looks_like_repo_id
 
-    with tempfile.TemporaryDirectory(prefix="medchat-space-probe-") as cache:
-        for repo in models:
-            for name in ("medchat.json", "adapter_config.json"):
-                try:
-                    path = hub_call(f"read {name} of '{repo}'", lambda: hf_hub_download(
-                        repo, name, token=token, endpoint=hub_endpoint(), cache_dir=cache),
-                        repo_id=repo)
-                    data = json.loads(Path(path).read_text(encoding="utf-8"))
-                except (HubError, OSError, json.JSONDecodeError):
-                    continue  # not there (or unreadable): try the next file / model
-                if name == "medchat.json":
-                    if data.get("kind") == "merged":
-                        break  # a full model says nothing about the base to keep in memory
-                    base = data.get("base_model") or {}
-                    candidate = (base.get("hub_id") or base.get("name")) if isinstance(base, dict) \
-                        else base
-                else:
-                    candidate = data.get("base_model_name_or_path")
-                if looks_like_repo_id(candidate):
-                    return candidate
+    headers = build_hf_headers(token=token)
+    for repo in models:
+        for name in ("medchat.json", "adapter_config.json"):
+            try:
+                r = get_session().get(hf_hub_url(repo, name, endpoint=hub_endpoint()),
+                                      headers=headers, timeout=10, follow_redirects=True)
+            except Exception:  # noqa: BLE001 - offline, DNS, refused...: no default to find
+                return None
+            if r.status_code != 200:
+                continue  # not there (or not visible): try the next file / model
+            try:
+                data = r.json()
+            except ValueError:
+                continue
+            if name == "medchat.json":
+                if data.get("kind") == "merged":
+                    break  # a full model says nothing about the base to keep in memory
+                base = data.get("base_model") or {}
+                candidate = (base.get("hub_id") or base.get("name")) if isinstance(base, dict) \
+                    else base
+            else:
+                candidate = data.get("base_model_name_or_path")
+            if looks_like_repo_id(candidate):
+                return candidate
     return None
 
 
@@ -307,7 +314,12 @@ def deploy_space(repo_id: str, models: str | list[str], base_model: str | None =
     api = user = None
     if not dry_run:
         api, user = connect(token)
-    base = base_model or detect_base_model(model_list, token) or DEFAULT_BASE_MODEL
+    base = base_model or detect_base_model(model_list, token)
+    if base is None:
+        base = DEFAULT_BASE_MODEL
+        print(f"note: no adapter among {', '.join(model_list)} names its base model on the Hub "
+              f"(or the Hub is unreachable); using {base}. Pass --base to choose",
+              file=sys.stderr)
     keep = output is not None
     folder = Path(output) if keep else Path(tempfile.mkdtemp(prefix="medchat-space-")) / "bundle"
     try:

@@ -94,6 +94,21 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.timeout(60)
+def test_base_detection_gives_up_at_once_without_a_hub(monkeypatch):
+    from huggingface_hub import constants
+
+    from hub.space import detect_base_model
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    t0 = time.perf_counter()
+    assert detect_base_model([ADAPTER_REPO, "test-user/other"]) is None
+    assert time.perf_counter() - t0 < 5  # no backoff: it only picks a default
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

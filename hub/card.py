@@ -34,8 +34,8 @@ KNOWN_LICENSES = {
     "internlm/internlm2-chat-7b": "other",
 }
 # Metric names as they appear in eval.json -> model-index metric types.
-METRIC_TYPES = {"loss": "loss", "test_loss": "loss", "perplexity": "perplexity", "ppl": "perplexity",
-                "test_ppl": "perplexity",
+METRIC_TYPES = {"loss": "loss", "test_loss": "loss", "perplexity": "perplexity",
+                "ppl": "perplexity", "test_ppl": "perplexity",
                 "rougel": "rougeL", "rouge_l": "rougeL", "rouge-l": "rougeL", "bleu": "bleu",
                 "sacrebleu": "bleu", "f1": "f1", "token_f1": "f1"}
 

@@ -1,11 +1,13 @@
 """Side-by-side: time to first token and tokens/s through the running app vs `generate` directly.
 
     python bench/app_overhead.py [--base HuggingFaceTB/SmolLM2-135M-Instruct] [--reps 5]
-                                 [--max-new-tokens 64] [--results bench/results/app.md]
+                                 [--max-new-tokens 64] [--threads N]
+                                 [--results bench/results/app.md]
 
-  app      `python launch.py` in its own process (as users start it), driven with gradio_client
-           over loopback: /chat with the model name and greedy settings; the app's engine
-           streams through Gradio's queue (server-sent events).
+  app      `python launch.py` in its own process (as users start it), driven over loopback
+           through /chat with the model name and greedy settings, two ways: gradio_client
+           (`Client.submit`, iterating the job), and Gradio's plain HTTP API (POST
+           /gradio_api/call/chat, then its server-sent events) with httpx.
   direct   the same model in this process: `model.generate` (the base, or
            `PeftModel.from_pretrained(base, adapter)`) with a `TextIteratorStreamer` in a thread,
            the same prompt ids (manifest template + system prompt), greedy, same max_new_tokens.
@@ -42,9 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(base: Path, runs: Path, port: int) -> subprocess.Popen:
+def start_app(base: Path, runs: Path, port: int, threads: int | None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
                GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the app process
     env.pop("SPACE_ID", None)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "launch.py"), "--runs", str(runs), "--base", str(base),
@@ -133,14 +137,53 @@ def via_app(client, model: str, max_new_tokens: int) -> dict:
     return {"ttft": first - t0, "first": first, "last": last, "text": text, "total": last - t0}
 
 
+def via_http(http, url: str, model: str, max_new_tokens: int) -> dict:
+    """The same /chat endpoint over Gradio's plain HTTP + server-sent-events API (what any HTTP
+    client sees, without gradio_client's own per-job machinery)."""
+    import json
+
+    t0 = time.perf_counter()
+    data = [QUESTION, [], model, "", max_new_tokens, 0.0, 1.0, 1.0, -1]
+    event_id = http.post(f"{url}gradio_api/call/chat", json={"data": data}).json()["event_id"]
+    first = last = None
+    text = ""
+    event = None
+    with http.stream("GET", f"{url}gradio_api/call/chat/{event_id}") as resp:
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("generating", "complete"):
+                payload = json.loads(line[5:])
+                out = payload[0] if isinstance(payload, list) and payload else ""
+                if out and event == "generating":
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    text = out
+                if event == "complete":
+                    text = out or text
+                    break
+            elif line.startswith("data:") and event == "error":
+                raise SystemExit(f"{model}: the app answered with an error: {line}")
+    return {"ttft": first - t0, "first": first, "last": last, "text": text, "total": last - t0}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--base", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads on both sides (default: torch's; 1 is steadier on a "
+                         "shared machine)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "app.md"))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:  # before torch is imported, so every thread of this process uses it
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     from gradio_client import Client
@@ -155,24 +198,32 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(tmp) / "runs"
         make_runs(base, runs, 1)
         port = free_port()
-        proc = start_app(base, runs, port)
+        proc = start_app(base, runs, port, args.threads)
         try:
-            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            import httpx
+
+            url = f"http://127.0.0.1:{port}/"
+            client = Client(url, verbose=False)
+            http = httpx.Client(timeout=300)
             sides = {"base": Direct(base, None), "adapter:a0": Direct(base, runs / "a0" / "adapter")}
             for model, direct in sides.items():  # warm-up both paths once
                 direct.run(8)
                 via_app(client, model, 8)
+                via_http(http, url, model, 8)
             for model, direct in sides.items():
-                results[model] = {"direct": [], "app": []}
+                results[model] = {"direct": [], "app": [], "http": []}
                 for _ in range(args.reps):
                     d = direct.run(args.max_new_tokens)
                     a = via_app(client, model, args.max_new_tokens)
-                    if a["text"] != d["text"]:
-                        raise SystemExit(f"{model}: the app and generate disagree:\n"
-                                         f"app:    {a['text'][:200]!r}\ndirect: {d['text'][:200]!r}")
-                    a["tokens"] = d["tokens"]
+                    h = via_http(http, url, model, args.max_new_tokens)
+                    for side, got in (("app", a), ("http", h)):
+                        if got["text"] != d["text"]:
+                            raise SystemExit(f"{model}: the app ({side}) and generate disagree:\n"
+                                             f"app:    {got['text'][:200]!r}\n"
+                                             f"direct: {d['text'][:200]!r}")
+                        got["tokens"] = d["tokens"]
+                        results[model][side].append(got)
                     results[model]["direct"].append(d)
-                    results[model]["app"].append(a)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -191,20 +242,22 @@ def main(argv: list[str] | None = None) -> int:
         "same prompt ids on both sides (identical output text, checked). App = `python "
         "launch.py` in its own process, measured with gradio_client over loopback; direct = "
         "`model.generate` + `TextIteratorStreamer` in this process (for the adapter: "
-        "`PeftModel.from_pretrained`). TTFT = call -> first text piece; decode = tokens after "
-        "the first / (last piece - first piece). Medians.",
+        "`PeftModel.from_pretrained`). The app is called two ways: gradio_client, and Gradio's "
+        "plain HTTP API (POST + server-sent events, httpx). TTFT = call -> first text piece; "
+        "decode = tokens after the first / (last piece - first piece). Medians.",
         "",
-        "| model | tokens | direct TTFT | app TTFT | TTFT added | direct decode | app decode "
-        "| decode lost |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | via | tokens | direct TTFT | app TTFT | TTFT added | direct decode "
+        "| app decode | decode lost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, r in results.items():
-        dt, at = med(r["direct"], "ttft"), med(r["app"], "ttft")
-        dr, ar = rate(r["direct"]), rate(r["app"])
-        lines.append(f"| {model} | {r['direct'][0]['tokens']} | {dt * 1e3:.0f} ms | "
-                     f"{at * 1e3:.0f} ms | {(at - dt) / dt * 100:+.1f}% | {dr:.1f} tok/s | "
-                     f"{ar:.1f} tok/s | {(dr - ar) / dr * 100:+.1f}% |")
-        print(lines[-1], file=sys.stderr)
+        dt, dr = med(r["direct"], "ttft"), rate(r["direct"])
+        for side, via in (("app", "gradio_client"), ("http", "HTTP/SSE")):
+            at, ar = med(r[side], "ttft"), rate(r[side])
+            lines.append(f"| {model} | {via} | {r['direct'][0]['tokens']} | {dt * 1e3:.0f} ms | "
+                         f"{at * 1e3:.0f} ms | {(at - dt) * 1e3:+.0f} ms ({(at - dt) / dt * 100:+.1f}%) "
+                         f"| {dr:.1f} tok/s | {ar:.1f} tok/s | {(dr - ar) / dr * 100:+.1f}% |")
+            print(lines[-1], file=sys.stderr)
     lines += ["", f"{args.reps} runs per side and model, interleaved (direct, app, direct, ...). "
               f"Machine: {machine().rsplit(', load', 1)[0]}, load average {load:.1f} at start.",
               "", f"Command: `{cmd.strip()}`"]

@@ -71,13 +71,13 @@ def _status(stream: Stream) -> str:
     return " · ".join(parts)
 
 
-def merge_streams(streams: list[Stream]) -> Iterator[tuple[int, str]]:
+def merge_streams(streams: list[Stream], interval: float = 0.05) -> Iterator[tuple[int, str]]:
     """(index, piece) from several streams as each piece arrives (for the compare view)."""
     q: queue.Queue = queue.Queue()
 
     def pump(i: int, s: Stream) -> None:
         try:
-            for piece in s:
+            for piece in s.batched(interval):
                 q.put((i, piece))
         except BaseException as e:  # surfaced to the reader below
             q.put((i, e))
@@ -103,8 +103,10 @@ def merge_streams(streams: list[Stream]) -> Iterator[tuple[int, str]]:
 
 def build_app(engine: Engine, registry: Registry, *, allow_pull: bool = True,
               gpu: Callable | None = None, default_model: str | None = None,
-              concurrency: int | None = 4, title: str = "medchat") -> gr.Blocks:
-    """The Blocks app. `gpu` wraps the generating functions (spaces.GPU on a ZeroGPU Space)."""
+              concurrency: int | None = 4, title: str = "medchat",
+              stream_interval: float = 0.05) -> gr.Blocks:
+    """The Blocks app. `gpu` wraps the generating functions (spaces.GPU on a ZeroGPU Space);
+    `stream_interval`: pieces arriving closer together than this are sent as one update."""
     wrap = gpu or (lambda f: f)
     pull_ok = allow_pull and hub_pull_available()
 
@@ -146,7 +148,7 @@ def build_app(engine: Engine, registry: Registry, *, allow_pull: bool = True,
                              {"role": "assistant", "content": ""}]
         yield history, "", ""
         try:
-            for piece in stream:
+            for piece in stream.batched(stream_interval):
                 history[-1] = {"role": "assistant", "content": history[-1]["content"] + piece}
                 yield history, "", ""
         except EngineError as e:
@@ -180,7 +182,7 @@ def build_app(engine: Engine, registry: Registry, *, allow_pull: bool = True,
                  for h in (hist_a, hist_b)]
         yield hists[0], hists[1], "", ""
         try:
-            for i, piece in merge_streams(streams):
+            for i, piece in merge_streams(streams, stream_interval):
                 hists[i][-1] = {"role": "assistant", "content": hists[i][-1]["content"] + piece}
                 yield hists[0], hists[1], "", ""
         except EngineError as e:
@@ -204,7 +206,7 @@ def build_app(engine: Engine, registry: Registry, *, allow_pull: bool = True,
         for notice in stream.notices:
             gr.Warning(notice)
         try:
-            for _ in stream:
+            for _ in stream.batched(stream_interval):
                 yield stream.text
         except EngineError as e:
             raise gr.Error(str(e)) from None

@@ -35,6 +35,7 @@ import itertools
 import json
 import logging
 import math
+import queue
 import random
 import re
 import threading
@@ -253,6 +254,39 @@ class Stream:
                 self.first_token_s = time.perf_counter() - self.started
             self.text += piece
             yield piece
+        self.done.wait()
+        if self.error is not None:
+            raise EngineError(f"generation with {self.model} failed: "
+                              f"{type(self.error).__name__}: {self.error}") from self.error
+
+    def batched(self, interval: float = 0.05) -> Iterator[str]:
+        """Like iterating, but pieces that arrive within `interval` seconds of each other are
+        joined, so a UI re-renders at most ~1/interval times a second however fast tokens come.
+        The first piece is passed on at once (time to first token is unchanged)."""
+        q, stop = self._streamer.text_queue, self._streamer.stop_signal
+        buf, deadline = "", None
+        while True:
+            try:
+                wait = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                piece = q.get(timeout=wait)
+            except queue.Empty:
+                yield buf
+                buf, deadline = "", None
+                continue
+            if piece is stop:
+                break
+            if not piece:
+                continue
+            self.text += piece
+            if self.first_token_s is None:
+                self.first_token_s = time.perf_counter() - self.started
+                yield piece
+                continue
+            buf += piece
+            if deadline is None:
+                deadline = time.perf_counter() + interval
+        if buf:
+            yield buf
         self.done.wait()
         if self.error is not None:
             raise EngineError(f"generation with {self.model} failed: "

@@ -227,3 +227,14 @@ def test_terminal_chat_streams_answers_and_resets(runs, tiny_model_dir, monkeypa
     assert terminal.main(["--runs", str(runs["runs"]), "--base", str(tiny_model_dir),
                           "--model", "/etc/passwd"]) == 2
     assert "not registered" in capsys.readouterr().err
+
+
+def test_batched_joins_pieces_but_passes_the_first_at_once(engine):
+    plain = engine.stream("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
+    pieces = list(plain)
+    assert len(pieces) > 3
+    joined = engine.stream("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
+    got = list(joined.batched(interval=30.0))  # longer than the generation: first + the rest
+    assert got == [pieces[0], "".join(pieces[1:])] and joined.text == plain.text
+    fine = engine.stream("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
+    assert "".join(fine.batched(interval=0.0)) == plain.text

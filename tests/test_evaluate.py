@@ -95,3 +95,22 @@ def test_cli(run, capsys):
     (run / "data" / "test.jsonl").unlink()
     assert eval_main([str(run), "--quiet"]) == 2
     assert "held-out split" in capsys.readouterr().err
+
+
+def test_packed_test_loss_equals_per_sample_loss(tiny_model_dir, run):
+    """Packing must not leak attention between samples: the packed loss equals the
+    token-weighted mean of each conversation scored alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.data import read_jsonl
+    from training.evaluate import test_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+    convs = read_jsonl(run / "data" / "test.jsonl")
+    packed = test_loss(model, tok, convs, max_length=1024, progress=False)
+    alone = [test_loss(model, tok, [c], max_length=1024, progress=False) for c in convs]
+    assert packed["tokens"] == sum(a["tokens"] for a in alone) and packed["samples"] == len(convs)
+    mean = sum(a["loss"] * a["tokens"] for a in alone) / packed["tokens"]
+    assert packed["loss"] == pytest.approx(mean, rel=1e-5)

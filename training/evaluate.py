@@ -61,7 +61,8 @@ def test_loss(model, tokenizer, conversations, max_length: int = 1024,
                 batch = collate([row])
                 dev = next(model.parameters()).device
                 logits = model(input_ids=batch["input_ids"].to(dev),
-                               position_ids=batch["position_ids"].to(dev)).logits.float()
+                               position_ids=batch["position_ids"].to(dev),
+                               use_cache=False).logits.float()  # no cache: packed mask applies
                 labels = batch["labels"].to(dev)
                 shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
                 loss = torch.nn.functional.cross_entropy(

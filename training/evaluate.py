@@ -1,7 +1,7 @@
 """Evaluation on a run's held-out split: base vs adapter vs merged.
 
     python -m training.evaluate RUN [--limit N] [--models base,adapter,merged]
-                                    [--max-new-tokens 128] [--batch-size 8] [--sample]
+                                    [--max-new-tokens 128] [--batch-size 16] [--sample]
     medchat evaluate RUN ...
 
 For each model: test loss / perplexity over the answer tokens (`test_loss`, also used by
@@ -170,7 +170,7 @@ class EvalOptions:
     limit: int | None = None  # first N test questions (quick runs)
     models: tuple[str, ...] | None = None  # default: every model the run has
     max_new_tokens: int = 128  # answer length cap; the references are often longer
-    batch_size: int = 8
+    batch_size: int = 16
     max_length: int | None = None  # test-loss row length; default: training's data.max_length
     sample: bool = False  # sample with the manifest's generation settings instead of greedy
     seed: int = 0
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated subset of base,adapter,merged "
                                      "(default: all the run has)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap")
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     ap.add_argument("--max-length", type=int, help="test-loss row length (default: training's)")
     ap.add_argument("--sample", action="store_true",
                     help="sample with the manifest's generation settings instead of greedy")

@@ -8,6 +8,8 @@
            through /chat with the model name and greedy settings, two ways: gradio_client
            (`Client.submit`, iterating the job), and Gradio's plain HTTP API (POST
            /gradio_api/call/chat, then its server-sent events) with httpx.
+  engine   medchat.engine in this process without any server (attributes the cost: routing
+           and threads vs the web layer).
   direct   the same model in this process: `model.generate` (the base, or
            `PeftModel.from_pretrained(base, adapter)`) with a `TextIteratorStreamer` in a thread,
            the same prompt ids (manifest template + system prompt), greedy, same max_new_tokens.
@@ -137,6 +139,23 @@ def via_app(client, model: str, max_new_tokens: int) -> dict:
     return {"ttft": first - t0, "first": first, "last": last, "text": text, "total": last - t0}
 
 
+def via_engine(engine, model: str, max_new_tokens: int) -> dict:
+    """medchat.engine in this process, no server: isolates the engine's own cost (per-request
+    routing hooks, prompt building, generation thread) from the web layer's."""
+    from medchat.engine import GenerationSettings
+
+    t0 = time.perf_counter()
+    stream = engine.stream(model, QUESTION, settings=GenerationSettings(
+        max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0))
+    first = last = None
+    for piece in stream:
+        now = time.perf_counter()
+        first = first or now
+        last = now
+    return {"ttft": first - t0, "first": first, "last": last, "text": stream.text,
+            "total": last - t0}
+
+
 def via_http(http, url: str, model: str, max_new_tokens: int) -> dict:
     """The same /chat endpoint over Gradio's plain HTTP + server-sent-events API (what any HTTP
     client sees, without gradio_client's own per-job machinery)."""
@@ -206,17 +225,25 @@ def main(argv: list[str] | None = None) -> int:
             client = Client(url, verbose=False)
             http = httpx.Client(timeout=300)
             sides = {"base": Direct(base, None), "adapter:a0": Direct(base, runs / "a0" / "adapter")}
-            for model, direct in sides.items():  # warm-up both paths once
+            from medchat.engine import Engine
+            from medchat.registry import Registry
+
+            engine = Engine(Registry(runs, base_name=str(base), base_path=base), device="cpu")
+            engine.load_base()
+            engine.preload()
+            for model, direct in sides.items():  # warm-up every path once
                 direct.run(8)
+                via_engine(engine, model, 8)
                 via_app(client, model, 8)
                 via_http(http, url, model, 8)
             for model, direct in sides.items():
-                results[model] = {"direct": [], "app": [], "http": []}
+                results[model] = {"direct": [], "engine": [], "app": [], "http": []}
                 for _ in range(args.reps):
                     d = direct.run(args.max_new_tokens)
+                    e = via_engine(engine, model, args.max_new_tokens)
                     a = via_app(client, model, args.max_new_tokens)
                     h = via_http(http, url, model, args.max_new_tokens)
-                    for side, got in (("app", a), ("http", h)):
+                    for side, got in (("engine", e), ("app", a), ("http", h)):
                         if got["text"] != d["text"]:
                             raise SystemExit(f"{model}: the app ({side}) and generate disagree:\n"
                                              f"app:    {got['text'][:200]!r}\n"
@@ -242,17 +269,19 @@ def main(argv: list[str] | None = None) -> int:
         "same prompt ids on both sides (identical output text, checked). App = `python "
         "launch.py` in its own process, measured with gradio_client over loopback; direct = "
         "`model.generate` + `TextIteratorStreamer` in this process (for the adapter: "
-        "`PeftModel.from_pretrained`). The app is called two ways: gradio_client, and Gradio's "
+        "`PeftModel.from_pretrained`); engine = medchat.engine in-process, no server. The app "
+        "is called two ways: gradio_client, and Gradio's "
         "plain HTTP API (POST + server-sent events, httpx). TTFT = call -> first text piece; "
         "decode = tokens after the first / (last piece - first piece). Medians.",
         "",
-        "| model | via | tokens | direct TTFT | app TTFT | TTFT added | direct decode "
-        "| app decode | decode lost |",
+        "| model | measured | tokens | direct TTFT | TTFT | TTFT added | direct decode "
+        "| decode | decode lost |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, r in results.items():
         dt, dr = med(r["direct"], "ttft"), rate(r["direct"])
-        for side, via in (("app", "gradio_client"), ("http", "HTTP/SSE")):
+        for side, via in (("engine", "engine, in-process (no server)"),
+                          ("app", "app, gradio_client"), ("http", "app, HTTP/SSE")):
             at, ar = med(r[side], "ttft"), rate(r[side])
             lines.append(f"| {model} | {via} | {r['direct'][0]['tokens']} | {dt * 1e3:.0f} ms | "
                          f"{at * 1e3:.0f} ms | {(at - dt) * 1e3:+.0f} ms ({(at - dt) / dt * 100:+.1f}%) "

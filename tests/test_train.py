@@ -70,8 +70,19 @@ def _settings(model_dir, data, **extra):
 
 
 def _run(args, env, timeout=300, launcher=None):
+    """Run the CLI in its own process group so a timeout also ends torchrun's workers."""
+    import signal
+
     cmd = (launcher or [sys.executable, "-m"]) + ["training.run"] + args
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 

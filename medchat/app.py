@@ -56,7 +56,10 @@ def hub_pull_available() -> bool:
 
 def _settings(max_new_tokens, temperature, top_p, repetition_penalty, seed,
               defaults: dict[str, Any] | None = None) -> GenerationSettings:
-    seed = None if seed is None or seed == "" or int(seed) < 0 else int(seed)
+    try:
+        seed = None if seed is None or seed == "" or int(seed) < 0 else int(seed)
+    except (TypeError, ValueError):
+        raise SettingsError(f"seed: {seed!r} is not a whole number (-1 = random)") from None
     return GenerationSettings.from_defaults(
         defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed)

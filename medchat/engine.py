@@ -11,10 +11,15 @@ How a request is routed (no shared state is changed per request):
   * peft's mixed-batch inference lets every LoRA layer take `adapter_names=[...]` per call
     ("__base__" = no adapter). peft injects that argument with forward hooks that it adds and
     removes around each `PeftModel.generate`, i.e. on the shared modules, so two threads
-    generating at once would overwrite each other's routing. Here the same hook is registered
-    once per LoRA layer and reads the adapter name from a thread-local set by the request's own
+    generating at once would overwrite each other's routing. Here routing is installed once per
+    LoRA layer and reads the adapter name from a thread-local set by the request's own
     generation thread: concurrent requests for different adapters share the weights and never
     each other's routing. `set_adapter` is never called.
+  * Each request is one sequence, so a layer only ever applies one adapter (or none). For
+    peft's plain `lora.Linear` (what training produces) the routed forward is peft's own
+    single-adapter formula, base(x) + B(A(x)) * scaling: peft's mixed-batch path gathers and
+    scatters sub-batches and measured ~15% slower decoding at batch size 1 (bench/results/
+    app.md). Other layer types and LoRA variants keep peft's mixed-batch path via a pre-hook.
   * Sampling uses a per-request `torch.Generator` (a logits processor that draws the token), not
     torch's global RNG, so a seeded request gives the same text whatever runs beside it.
   * Attaching an adapter changes the model's modules, so it takes the base's lock exclusively;
@@ -115,10 +120,32 @@ _route = threading.local()  # .adapter: the peft adapter name of the generation 
 
 
 def _route_hook(module, args, kwargs):
-    """Forward pre-hook on every LoRA layer: route this thread's request (see module docstring)."""
+    """Forward pre-hook for LoRA layers other than lora.Linear (and modules_to_save wrappers):
+    peft's mixed-batch path, routed to this thread's request (see module docstring)."""
     batch = args[0].shape[0] if args and hasattr(args[0], "shape") else 1
     kwargs["adapter_names"] = [getattr(_route, "adapter", None) or BASE_ADAPTER] * batch
     return args, kwargs
+
+
+def _routed_linear(layer):
+    """A forward for one peft lora.Linear that applies this thread's adapter (or none)."""
+    peft_forward = layer.forward  # the class's own, bound
+
+    def forward(x, *args, **kwargs):
+        kwargs.pop("adapter_names", None)
+        name = getattr(_route, "adapter", None)
+        if name is None or name not in layer.lora_A:  # the base, or not adapted in this layer
+            return layer.base_layer(x, *args, **kwargs)
+        if name in layer.lora_variant:  # DoRA & co. (refused at attach): peft's mixed path
+            return peft_forward(x, *args, adapter_names=[name] * x.shape[0], **kwargs)
+        # peft's vanilla LoRA formula for one active adapter (lora.Linear.forward)
+        result = layer.base_layer(x, *args, **kwargs)
+        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+        x = layer._cast_input_dtype(x, lora_a.weight.dtype)
+        out = result + lora_b(lora_a(layer.lora_dropout[name](x))) * layer.scaling[name]
+        return out.to(result.dtype)
+
+    return forward
 
 
 def _logits_classes():
@@ -504,12 +531,19 @@ class Engine:
     @staticmethod
     def _hook_lora_layers(slot: _Slot) -> None:
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.utils import AuxiliaryTrainingWrapper
 
         for module in slot.model.modules():
-            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)) and id(module) not in slot.hooked:
+            if id(module) in slot.hooked:
+                continue
+            if type(module) is LoraLinear:
+                module.forward = _routed_linear(module)  # instance attribute: shadows the class's
+            elif isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
                 module.register_forward_pre_hook(_route_hook, with_kwargs=True)
-                slot.hooked.add(id(module))
+            else:
+                continue
+            slot.hooked.add(id(module))
 
     def _prepare(self, entry: ModelEntry) -> tuple[_Slot, str | None, Any]:
         slot = self._slot_for_entry(entry)

@@ -15,7 +15,8 @@ _built: dict[str, dict] = {}
 
 def make_adapter(base: Path, run_dir: Path, seed: int, r: int = 8, alpha: int = 64,
                  eos_tokens: tuple[str, ...] = ("<|im_end|>",), generation: dict | None = None,
-                 use_dora: bool = False, base_name: str | None = None) -> Path:
+                 use_dora: bool = False, base_name: str | None = None,
+                 target_modules: str | list[str] = "all-linear") -> Path:
     """A random (non-zero) LoRA on every linear layer, saved as a run folder with a manifest."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -26,7 +27,7 @@ def make_adapter(base: Path, run_dir: Path, seed: int, r: int = 8, alpha: int = 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules,
                                                   init_lora_weights=False, use_dora=use_dora))
     peft_model.save_pretrained(run_dir / "adapter")
     save_manifest(run_dir, Manifest(

@@ -164,6 +164,10 @@ def test_settings_errors_reach_the_client(app):
 
     with pytest.raises(AppError, match="temperature"):
         ask(client(app), "base", temperature=9.0)
+    with pytest.raises(AppError, match="seed"):
+        ask(client(app), "base", seed="abc")
+    with pytest.raises(AppError, match="empty"):
+        ask(client(app), "base", message="   ")
 
 
 @pytest.mark.timeout(180)

@@ -188,6 +188,28 @@ def test_adapter_on_another_base_loads_that_base_into_the_cache(runs, tiny_model
     assert eng.chat("adapter:elsewhere", QUESTIONS[3], settings=greedy()) == want
 
 
+def test_lora_on_embeddings_is_routed_through_peft_mixed_batch(runs, tiny_model_dir, tmp_path):
+    """Layers other than lora.Linear take peft's own mixed-batch path; still per request."""
+    root = tmp_path / "runs"
+    make_adapter(tiny_model_dir, root / "emb", seed=31, target_modules=["embed_tokens", "q_proj"])
+    reg = Registry(root, base_name=str(tiny_model_dir), base_path=tiny_model_dir)
+    eng = Engine(reg, device="cpu")
+    want = reference_answer(tiny_model_dir, QUESTIONS[2], root / "emb" / "adapter", 24)
+    base = reference_answer(tiny_model_dir, QUESTIONS[2], None, 24)
+    assert want != base
+    got = {}
+
+    def ask(m):
+        got[m] = eng.chat(m, QUESTIONS[2], settings=greedy())
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in ("adapter:emb", "base")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {"adapter:emb": want, "base": base}
+
+
 def test_retrained_adapter_is_reloaded_and_dora_is_refused(runs, tiny_model_dir, tmp_path):
     root = tmp_path / "runs"
     make_adapter(tiny_model_dir, root / "x", seed=11)

@@ -187,6 +187,49 @@ def via_http(http, url: str, model: str, max_new_tokens: int) -> dict:
     return {"ttft": first - t0, "first": first, "last": last, "text": text, "total": last - t0}
 
 
+def transport_floor(reps: int) -> dict[str, float]:
+    """Time to the first streamed output of a trivial Gradio generator (no model): what the two
+    client paths cost by themselves, on the same machine, in this run."""
+    from typing import Iterator
+
+    import gradio as gr
+    import httpx
+    from gradio_client import Client
+
+    def echo(n: int) -> Iterator[str]:
+        text = ""
+        for _ in range(n):
+            text += "x "
+            yield text
+
+    with gr.Blocks(analytics_enabled=False) as demo:
+        gr.api(echo, api_name="echo")
+    port = free_port()
+    demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    client, http = Client(url, verbose=False), httpx.Client(timeout=60)
+    got: dict[str, list[float]] = {"gradio_client": [], "HTTP/SSE": []}
+    try:
+        for _ in range(reps + 1):  # the first round warms up
+            t = time.perf_counter()
+            job = client.submit(3, api_name="/echo")
+            for out in job:
+                if out:
+                    got["gradio_client"].append(time.perf_counter() - t)
+                    break
+            job.result()
+            t = time.perf_counter()
+            eid = http.post(f"{url}gradio_api/call/echo", json={"data": [3]}).json()["event_id"]
+            with http.stream("GET", f"{url}gradio_api/call/echo/{eid}") as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data:") and "x" in line:
+                        got["HTTP/SSE"].append(time.perf_counter() - t)
+                        break
+    finally:
+        demo.close()
+    return {k: statistics.median(v[1:]) for k, v in got.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--base", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -255,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(30)
 
+    floor = transport_floor(max(args.reps, 5))
+
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
 
@@ -287,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{at * 1e3:.0f} ms | {(at - dt) * 1e3:+.0f} ms ({(at - dt) / dt * 100:+.1f}%) "
                          f"| {dr:.1f} tok/s | {ar:.1f} tok/s | {(dr - ar) / dr * 100:+.1f}% |")
             print(lines[-1], file=sys.stderr)
+    lines += ["", "Transport floor (same machine, same run): time to the first streamed output "
+              "of a trivial Gradio generator with no model: "
+              + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in floor.items()) + "."]
     lines += ["", f"{args.reps} runs per side and model, interleaved (direct, app, direct, ...). "
               f"Machine: {machine().rsplit(', load', 1)[0]}, load average {load:.1f} at start.",
               "", f"Command: `{cmd.strip()}`"]

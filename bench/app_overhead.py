@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -190,8 +191,6 @@ def via_http(http, url: str, model: str, max_new_tokens: int) -> dict:
 def transport_floor(reps: int) -> dict[str, float]:
     """Time to the first streamed output of a trivial Gradio generator (no model): what the two
     client paths cost by themselves, on the same machine, in this run."""
-    from typing import Iterator
-
     import gradio as gr
     import httpx
     from gradio_client import Client
@@ -255,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = resolve_base_model(args.base).path
     load = os.getloadavg()[0]
+    floor = transport_floor(max(args.reps, 5))
     results: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="medchat-app-bench-") as tmp:
         runs = Path(tmp) / "runs"
@@ -297,8 +297,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-
-    floor = transport_floor(max(args.reps, 5))
 
     def med(rows, key):
         return statistics.median(r[key] for r in rows)

@@ -16,6 +16,7 @@ crafted request cannot make the server load an arbitrary path. Repos pulled from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -113,18 +114,33 @@ def summarize_metrics(metrics: dict[str, Any], kind: str) -> str | None:
         return None
     scopes = _scopes(metrics, kind)
 
-    def first(keys):
+    def first(keys, fmt=_fmt):
         for scope in scopes:
             for key, name in keys:
                 v = scope.get(key)
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    return f"{name} {_fmt(v)}"
+                    return f"{name} {fmt(v)}"
         return None
 
-    parts = [p for p in (first(_QUALITY_KEYS), first(_PPL_KEYS)) if p]
+    # ROUGE/BLEU/F1 come as 0-1 fractions or 0-100 percentages
+    quality = first(_QUALITY_KEYS, lambda v: f"{v:.1f}" if abs(v) > 1 else f"{v:.3f}")
+    parts = [p for p in (quality, first(_PPL_KEYS)) if p]
     if not parts and (loss := first(_LOSS_KEYS)):
         parts.append(loss)
     return " · ".join(parts) or None
+
+
+def base_score(metrics: dict[str, Any]) -> str | None:
+    """The base model's own score from a run's evaluation (eval.json {"models": {"base": ..}}
+    or the manifest's test_ppl_base), never the fine-tuned one's."""
+    scoped = [d.get("base") for d in (metrics.get("models"), (metrics.get("eval") or {}).get("models"))
+              if isinstance(d, dict)]
+    flat = {"test_perplexity": metrics.get("test_ppl_base"), "test_loss": metrics.get("test_loss_base")}
+    for scope in [d for d in scoped if isinstance(d, dict)] + [flat]:
+        found = summarize_metrics({"base": scope}, "base")
+        if found:
+            return found
+    return None
 
 
 def _eval_metrics(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
@@ -177,6 +193,12 @@ class Registry:
                     entries[entry.id] = entry
             except ManifestError as e:
                 problems.append(f"{run_dir.name}: skipped: {e}")
+                continue
+            base = entries[BASE_ID]
+            if base.score is None and self.same_base(load_manifest(run_dir).base_model):
+                score = base_score(_eval_metrics(run_dir, load_manifest(run_dir)))
+                if score:  # the base as the run's evaluation measured it
+                    entries[BASE_ID] = dataclasses.replace(base, score=score)
         with self._lock:
             self._entries = entries
             self.problems = problems

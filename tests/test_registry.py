@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from chat_runs import build_runs, make_adapter
-from medchat.registry import Registry, UnknownModelError, summarize_metrics
+from medchat.registry import Registry, UnknownModelError, base_score, summarize_metrics
 
 
 @pytest.fixture(scope="module")
@@ -95,5 +95,7 @@ def test_summarize_metrics_reads_eval_json_manifest_and_flat_reports():
                 "test_ppl_finetuned": 8.17}
     assert summarize_metrics(training, "adapter") == "ppl 8.17"
     assert summarize_metrics({"test_ppl_base": 18.2}, "adapter") is None
+    assert base_score(eval_json) == "ROUGE-L 10.0 · ppl 20.0"
+    assert base_score(training) == "ppl 18.2" and base_score({"test_ppl_finetuned": 3}) is None
     assert summarize_metrics({}, "adapter") is None
     assert summarize_metrics(json.loads('{"note": "x", "ok": true}'), "adapter") is None

@@ -30,3 +30,16 @@ def spreadsheet() -> Path:
 @pytest.fixture(scope="session")
 def xtuner_dir() -> Path:
     return SHARED_DATA / "xtuner-tutorial"
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A Hub-compatible server on loopback (tests/fake_hub.py), huggingface_hub pointed at it."""
+    import hub.push as push_mod
+    from fake_hub import FakeHub, use_fake_hub
+
+    with FakeHub(tmp_path / "hub-storage") as hub:
+        use_fake_hub(monkeypatch, hub, home=tmp_path / "hf-home")
+        monkeypatch.setattr(push_mod, "RETRY_BASE_WAIT", 0.01)  # retries without real waits
+        yield hub
+        assert not hub.errors, hub.errors[0]

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from chat_runs import QUESTIONS, reference_answer
-from fake_hub import DEFAULT_USER, FakeHub, make_adapter_run, use_fake_hub
+from fake_hub import DEFAULT_USER, make_adapter_run
 
-import hub.push as push_mod
 from hub.pull import main as pull_main
 from hub.pull import pull
 from hub.push import HubError, push
@@ -18,15 +17,6 @@ from hub.push import HubError, push
 pytestmark = pytest.mark.timeout(180)
 BASE_REPO = f"{DEFAULT_USER}/tiny-base"
 ADAPTER_REPO = f"{DEFAULT_USER}/tiny-adapter"
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    with FakeHub(tmp_path / "hub-storage") as hub:
-        use_fake_hub(monkeypatch, hub, home=tmp_path / "hf-home")
-        monkeypatch.setattr(push_mod, "RETRY_BASE_WAIT", 0.01)
-        yield hub
-        assert not hub.errors, hub.errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_hub import DEFAULT_TOKEN, DEFAULT_USER, FakeHub, make_adapter_run, use_fake_hub
+from fake_hub import DEFAULT_TOKEN, DEFAULT_USER, make_adapter_run
 
 import hub.push as push_mod
 from hub.push import HubError, deny_reason, plan_push, push
 
 pytestmark = pytest.mark.timeout(120)
 REPO = f"{DEFAULT_USER}/tiny-adapter"
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    with FakeHub(tmp_path / "hub-storage") as hub:
-        use_fake_hub(monkeypatch, hub, home=tmp_path / "hf-home")
-        monkeypatch.setattr(push_mod, "RETRY_BASE_WAIT", 0.01)
-        yield hub
-        assert not hub.errors, hub.errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_hub import DEFAULT_USER, FakeHub, hub_env, make_adapter_run, use_fake_hub
+from fake_hub import DEFAULT_USER, hub_env, make_adapter_run
 
-import hub.push as push_mod
 from hub.push import HubError, push
 from hub.space import (ROOT, build_bundle, main as space_main, requirement_name,
                        third_party_imports)
@@ -27,15 +26,6 @@ SPACE_REPO = f"{DEFAULT_USER}/medchat-demo"
 # openpyxl), ZeroGPU's preinstalled `spaces`, gradio (sdk_version), httpx (huggingface_hub's).
 NOT_REQUIRED = {"datasets", "openpyxl", "spaces", "gradio", "httpx", "httpx2"}
 IMPORT_NAMES = {"huggingface_hub": "huggingface-hub", "yaml": "pyyaml"}
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    with FakeHub(tmp_path / "hub-storage") as hub:
-        use_fake_hub(monkeypatch, hub, home=tmp_path / "hf-home")
-        monkeypatch.setattr(push_mod, "RETRY_BASE_WAIT", 0.01)
-        yield hub
-        assert not hub.errors, hub.errors[0]
 
 
 def _front_matter(path: Path) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import socket
 import sys
@@ -32,8 +31,8 @@ from typing import Any
 from training.config import (DEEPSPEED_DIR, DEFAULT_PRESET, ConfigError, TrainConfig, build_config,
                              copy_preset, describe, dump_yaml, list_presets)
 from training.data import DataError, dataset_info, load_conversations, split_conversations, write_jsonl
-from training.manifest import (BaseModelRef, Manifest, hash_weights, runs_root, save_manifest,
-                               staged_dir)
+from training.manifest import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, Manifest, hash_weights,
+                               runs_root, save_manifest, staged_dir)
 
 log = logging.getLogger("training.run")
 
@@ -303,7 +302,7 @@ def save(prep: Prepared, model, train_stats: dict[str, Any], metrics: dict[str, 
     files = {p: f"data/{p}.jsonl" for p, n in prep.split_sizes.items() if n}
     manifest = Manifest(
         name=cfg.name, base_model=prep.base_ref, chat_template=tok.chat_template,
-        system_prompt=d.system_prompt or _system_prompt_default(),
+        system_prompt=d.system_prompt or DEFAULT_SYSTEM_PROMPT,
         eos_tokens=[tok.eos_token] if tok.eos_token else [], generation=gen,
         dataset={**dataset_info(d.path), "seed": d.seed, "test_size": d.test_size,
                  "val_size": d.val_size, "stratify": d.stratify, "sizes": prep.split_sizes,
@@ -311,12 +310,6 @@ def save(prep: Prepared, model, train_stats: dict[str, Any], metrics: dict[str, 
         training={"config": cfg.to_dict(), **train_stats}, metrics=metrics, kind="adapter")
     save_manifest(prep.run_dir, manifest)
     return prep.run_dir
-
-
-def _system_prompt_default() -> str:
-    from training.manifest import DEFAULT_SYSTEM_PROMPT
-
-    return DEFAULT_SYSTEM_PROMPT
 
 
 def held_out_losses(prep: Prepared, model) -> dict[str, Any]:
@@ -424,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                 from training.data import main as data_main
 
                 return data_main(["check", a.args[0]])
-            return _log_dataset(a.args[0], a.n, a.model or build_config(a.preset).model.name,
-                                build_config(a.preset).data.max_length)
+            cfg = build_config(a.preset)
+            return _log_dataset(a.args[0], a.n, a.model or cfg.model.name, cfg.data.max_length)
         overrides = list(a.overrides)
         if a.data:
             overrides.append(f"data.path={a.data}")

@@ -35,9 +35,15 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from switch_latency import machine, make_runs, write_section  # this script's folder
+
+from medchat.base_model import resolve_base_model
+from medchat.chat_format import ensure_chat_template, prompt_ids
+from medchat.engine import Engine, GenerationSettings
+from medchat.registry import Registry
+from medchat.run_folder import DEFAULT_SYSTEM_PROMPT, Run
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 QUESTION = "How should I take metformin, and what side effects should I watch for?"
 
 
@@ -48,7 +54,7 @@ def free_port() -> int:
 
 
 def start_app(base: Path, runs: Path, port: int, threads: int | None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+    env = dict(os.environ, HF_HUB_OFFLINE="1",
                GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the app process
@@ -73,11 +79,9 @@ def start_app(base: Path, runs: Path, port: int, threads: int | None) -> subproc
 
 class Direct:
     def __init__(self, base: Path, adapter: Path | None):
+        # torch, transformers, peft and gradio are imported in functions: `--help` answers at once
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from training.encode import ensure_chat_template
-        from training.manifest import DEFAULT_SYSTEM_PROMPT
 
         self.tok = AutoTokenizer.from_pretrained(base)
         ensure_chat_template(self.tok)
@@ -93,8 +97,6 @@ class Direct:
     def run(self, max_new_tokens: int) -> dict:
         import torch
         from transformers import TextIteratorStreamer
-
-        from training.encode import prompt_ids
 
         t0 = time.perf_counter()
         ids = torch.tensor([prompt_ids(self.tok, self.messages)])
@@ -143,8 +145,6 @@ def via_app(client, model: str, max_new_tokens: int) -> dict:
 def via_engine(engine, model: str, max_new_tokens: int) -> dict:
     """medchat.engine in this process, no server: isolates the engine's own cost (per-request
     routing hooks, prompt building, generation thread) from the web layer's."""
-    from medchat.engine import GenerationSettings
-
     t0 = time.perf_counter()
     stream = engine.stream(model, QUESTION, settings=GenerationSettings(
         max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0))
@@ -248,9 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     from gradio_client import Client
-    from switch_latency import machine, make_runs, write_section
-
-    from training.base_model import resolve_base_model
 
     base = resolve_base_model(args.base).path
     load = os.getloadavg()[0]
@@ -267,10 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://127.0.0.1:{port}/"
             client = Client(url, verbose=False)
             http = httpx.Client(timeout=300)
-            sides = {"base": Direct(base, None), "adapter:a0": Direct(base, runs / "a0" / "adapter")}
-            from medchat.engine import Engine
-            from medchat.registry import Registry
-
+            sides = {"base": Direct(base, None),
+                     "adapter:a0": Direct(base, Run(runs / "a0").adapter_dir)}
             engine = Engine(Registry(runs, base_name=str(base), base_path=base), device="cpu")
             engine.load_base()
             engine.preload()
@@ -327,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                           ("app", "app, gradio_client"), ("http", "app, HTTP/SSE")):
             at, ar = med(r[side], "ttft"), rate(r[side])
             lines.append(f"| {model} | {via} | {r['direct'][0]['tokens']} | {dt * 1e3:.0f} ms | "
-                         f"{at * 1e3:.0f} ms | {(at - dt) * 1e3:+.0f} ms ({(at - dt) / dt * 100:+.1f}%) "
+                         f"{at * 1e3:.0f} ms | {(at - dt) * 1e3:+.0f} ms "
+                         f"({(at - dt) / dt * 100:+.1f}%) "
                          f"| {dr:.1f} tok/s | {ar:.1f} tok/s | {(dr - ar) / dr * 100:+.1f}% |")
             print(lines[-1], file=sys.stderr)
     lines += ["", "Transport floor (same machine, same run): time to the first streamed output "

@@ -1,9 +1,11 @@
-"""GPU proof (issue 6): our QLoRA path on a 7B-shaped Llama vs the plain QLoRA recipe, one GPU.
+"""GPU proof: our QLoRA path on a 7B-shaped Llama vs the plain QLoRA recipe, one GPU.
 
     bash bench/gpu_qlora.sh                   # on the GPU machine: installs the carried wheels, runs this
     python bench/gpu_qlora.py [--tiny] [--steps 20] [--warmup 3] [--seq 2048] [--budget 420]
                               [--out DIR] [--work DIR] [--keep] [--skip decode]
-    python bench/gpu_qlora.py tokenizer DEST  # the 32000-token tokenizer (bench/fetch_gpu_wheels.sh)
+    python bench/gpu_qlora.py tokenizer DEST [--source DIR]   # the 32000-token tokenizer
+    python bench/gpu_qlora.py report RESULTS.json   # summary and table again from saved results
+    python bench/gpu_qlora.py smi-peak --seconds S  # peak device memory as nvidia-smi shows it
 
 What runs, each phase in its own subprocess (clean CUDA memory statistics; DeepSpeed owns
 torch.distributed in its process):
@@ -14,7 +16,8 @@ torch.distributed in its process):
           then the card's bf16 matmul rate (8192^3 products), the denominator of MFU.
   ours    training.run: prepare() on the real MedicationQA spreadsheet (packed to --seq),
           load_model() (bitsandbytes NF4 + double quant, LoRA r=64 all-linear, gradient
-          checkpointing), train() (transformers Trainer + DeepSpeed ZeRO-2), save() -> a run folder.
+          checkpointing), train() (transformers Trainer + DeepSpeed ZeRO-2, timed through its
+          callbacks= argument), save() -> a run folder.
   plain   the usual recipe: from_pretrained(BitsAndBytesConfig NF4) + prepare_model_for_kbit_training
           + get_peft_model + Trainer, no DeepSpeed, no packing, each batch padded to its longest
           sample (DataCollatorForSeq2Seq). Same samples (training.run.prepare with packing off),
@@ -22,8 +25,8 @@ torch.distributed in its process):
           number of samples per packed row times ours, so both see the same real tokens per step
           on average (the measured real tokens per step are reported).
   decode  the adapter that `ours` saved, its B matrices re-drawn at random so that it changes
-          the answers (decode_run), merged by training.merge; medchat.engine.Engine then streams
-          greedy answers to held-out questions from the base, the base with the adapter
+          the answers (decode_run), merged by training.merge.merge_run; medchat.engine.Engine
+          streams greedy answers to held-out questions from the base, the base with the adapter
           attached, and the merged model: decode tokens/s and whether adapter and merged agree.
 
 Measured per training recipe over --steps optimizer steps after --warmup: peak GPU memory
@@ -35,7 +38,12 @@ FLOPs and attention's L^2 term are not counted), and the ratios ours/plain.
 --tiny swaps in a 2-layer hidden-64 model (vocab still 32000, sequence 512, 1+2 steps) so the
 whole script runs on a CPU in about a minute (GPU memory columns are then n/a).
 Results: <out>/gpu_qlora[-tiny].json and .md (out = --out, else $OUT, else bench/out/), the
-table on stdout, every child's output in <out>/gpu_qlora[-tiny]-children.log.
+table on stdout, every child's output in <out>/gpu_qlora[-tiny]-children.log. Each training
+phase also records the row lengths of every micro-batch it measured (`batch_lengths`), so its
+token counts can be checked from the results alone.
+
+Imports `training` and `medchat` as installed packages (`pip install -e .`; gpu_qlora.sh puts
+the checkout on PYTHONPATH instead where nothing is installed).
 """
 
 from __future__ import annotations
@@ -53,9 +61,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medchat.base_model import resolve_base_model
+from medchat.engine import Engine, GenerationSettings
+from medchat.registry import Registry
+from medchat.run_folder import Run
+from training.config import build_config
+from training.encode import pack
+from training.merge import merge_run
+from training.run import ensure_dist_env, load_model, prepare, save, torch_dtype, train
+
+# torch, transformers, peft, safetensors and bitsandbytes are imported in the functions that
+# use them: the parent process must not create a CUDA context (it would hold memory on the card
+# while the children are measured), and each phase imports only what it measures.
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 KIT = Path(os.environ.get("MEDCHAT_BENCH_KIT") or ROOT / "bench" / "wheels")  # carried along; ignored by git
 SPREADSHEET = "MedInfo2019-QA-Medications.xlsx"
@@ -111,8 +130,9 @@ class Spec:
         return Path(self.work) / "runs"
 
     @property
-    def run_dir(self) -> Path:
-        return self.runs_dir / RUN_NAME
+    def run(self) -> Run:
+        """The run folder `ours` trains (the decode phase chats with a copy of it)."""
+        return Run.create(RUN_NAME, self.runs_dir)
 
     def overrides(self, pack: bool) -> list[str]:
         """--set style overrides on the 7B preset: our model, data, shapes and step count."""
@@ -137,8 +157,6 @@ def tiny_spec(**kw: Any) -> dict[str, Any]:
 def make_tokenizer(dest: Path, source: str | None = None, vocab: int = 32000) -> Path:
     """SmolLM2's byte-level BPE cut to its first `vocab` ids (merges are in id order, so the
     merges that build kept tokens are exactly the first vocab-252), same template and specials."""
-    from training.base_model import resolve_base_model
-
     src = Path(source) if source else resolve_base_model(TOKENIZER_SOURCE).path
     data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
     model = data["model"]
@@ -180,11 +198,16 @@ class CountingRows(list):
         self.batches.append([len(r["input_ids"]) for r in rows])
         return rows
 
-    def window(self, first_micro: int, n_micro: int) -> dict[str, int]:
+    def lengths(self, first_micro: int, n_micro: int) -> list[list[int]]:
+        """Row lengths of each micro-batch in the window (first_micro, first_micro + n_micro)."""
         lens = self.batches[first_micro:first_micro + n_micro]
         if len(lens) < n_micro:
             raise RuntimeError(f"{len(self.batches)} batches were fetched, the window needs "
                                f"{first_micro + n_micro}: the DataLoader did not go through __getitems__")
+        return lens
+
+    def window(self, first_micro: int, n_micro: int) -> dict[str, int]:
+        lens = self.lengths(first_micro, n_micro)
         return {"real_tokens": sum(sum(b) for b in lens),
                 "padded_tokens": sum(max(b) * len(b) for b in lens)}
 
@@ -237,28 +260,16 @@ def host_peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3)  # Linux: KiB
 
 
-def torch_dtype(spec: Spec):
-    from training.run import torch_dtype as td
-
-    return td(spec.dtype)
-
-
 def measured(rows: CountingRows, timer, spec: Spec) -> dict[str, Any]:
     seconds = timer.window()
-    tok = rows.window(spec.warmup * spec.grad_accum, spec.steps * spec.grad_accum)
+    first, n = spec.warmup * spec.grad_accum, spec.steps * spec.grad_accum
+    tok = rows.window(first, n)
     return {"seconds": round(seconds, 3), **tok,
+            "batches_fetched": len(rows.batches), "batch_lengths": rows.lengths(first, n),
             "real_tokens_per_s": round(tok["real_tokens"] / seconds, 1),
             "real_tokens_per_step": round(tok["real_tokens"] / spec.steps, 1),
             "padding_share": round(1 - tok["real_tokens"] / max(tok["padded_tokens"], 1), 4),
             "step_seconds": round(seconds / spec.steps, 4)}
-
-
-def skip_weight_hash() -> None:
-    # prepare() records a sha256 of a local base's weights as provenance; over 13 GB of random
-    # weights that is ~10 s per phase of pure disk reading, and not part of what is compared.
-    import training.run
-
-    training.run.hash_weights = lambda folder: "not-hashed-by-bench"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +282,7 @@ def phase_setup(spec: Spec, out: dict) -> None:
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    dtype = torch_dtype(spec)
+    dtype = torch_dtype(spec.dtype)
     tok = AutoTokenizer.from_pretrained(spec.tokenizer)
     if len(tok) > spec.vocab:
         raise SystemExit(f"{spec.tokenizer}: {len(tok)} tokens do not fit vocab {spec.vocab}")
@@ -334,34 +345,32 @@ def matmul_rate(spec: Spec, device: str) -> dict[str, Any]:
 def phase_ours(spec: Spec, out: dict, flush) -> None:
     import torch
 
-    import training.run as tr
-    from training.config import build_config
-
-    skip_weight_hash()
     cfg = build_config(spec.preset, spec.overrides(pack=True))
     out["config"] = {"preset": spec.preset, "overrides": spec.overrides(pack=True),
                      "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": cfg.lora.target_modules},
                      "model": cfg.model.__dict__, "max_length": cfg.data.max_length}
-    prep = tr.prepare(cfg)
+    # hash_base=False: a sha256 over 13 GB of random weights is ~10 s of disk reading per phase
+    # (provenance for real runs), and not part of what is compared
+    prep = prepare(cfg, hash_base=False)
     out["data"] = prep.data_stats
     flush()
     rows = CountingRows(prep.train_rows)
     prep.train_rows = rows
-    tr.ensure_dist_env()
+    ensure_dist_env()
     t0 = time.perf_counter()
-    model = tr.load_model(cfg, prep.base_path)
+    model = load_model(cfg, prep.base_path)
     out["load_s"] = round(time.perf_counter() - t0, 1)
     out.update(nf4_layers=_count_4bit(model), trainable_params=_trainable(model))
     if torch.cuda.is_available():
         out["allocated_after_load_gb"] = round(torch.cuda.memory_allocated() / GB, 3)
     flush()
     timer = step_timer(rows, spec.warmup, spec.steps)
-    trainer, stats = tr.train(prep, model=model, callbacks=[timer])
+    trainer, stats = train(prep, model=model, callbacks=[timer])
     out.update({**gpu_memory(), **measured(rows, timer, spec)}, train_stats=stats,
                wrapped_by=type(trainer.model_wrapped).__name__, micro_batch=spec.batch)
     flush()
-    tr.save(prep, trainer.model, stats, {})  # the run folder the decode phase chats with
-    out["run_dir"] = str(prep.run_dir)
+    save(prep, trainer.model, stats)  # the run folder the decode phase chats with
+    out["run_dir"] = str(prep.run.path)
 
 
 def phase_plain(spec: Spec, out: dict, flush) -> None:
@@ -370,13 +379,8 @@ def phase_plain(spec: Spec, out: dict, flush) -> None:
     from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                               Trainer, TrainingArguments, set_seed)
 
-    import training.run as tr
-    from training.config import build_config
-    from training.encode import pack
-
-    skip_weight_hash()
     cfg = build_config(spec.preset, spec.overrides(pack=False))
-    prep = tr.prepare(cfg)  # the same encoded samples, not packed
+    prep = prepare(cfg, hash_base=False)  # the same encoded samples, not packed
     # Ours packs these samples into rows of spec.seq (same function, same seed); the plain batch
     # holds as many samples as `spec.batch` packed rows do on average.
     packed = pack(prep.train_rows, cfg.data.max_length, seed=cfg.train.seed)
@@ -385,7 +389,7 @@ def phase_plain(spec: Spec, out: dict, flush) -> None:
     out.update(data=prep.data_stats, samples_per_packed_row=round(per_row, 3), micro_batch=batch)
     flush()
     rows = CountingRows(prep.train_rows)
-    dtype = tr.torch_dtype(cfg.model.dtype)
+    dtype = torch_dtype(cfg.model.dtype)
     cuda = torch.cuda.is_available()
     set_seed(cfg.train.seed)
     t0 = time.perf_counter()
@@ -430,21 +434,15 @@ def phase_plain(spec: Spec, out: dict, flush) -> None:
 def phase_decode(spec: Spec, out: dict, flush) -> None:
     import torch
 
-    from medchat.engine import Engine, GenerationSettings
-    from medchat.registry import Registry
-    from training.data import read_jsonl
-    from training.manifest import load_manifest
-    from training.merge import merge
-
-    if not (spec.run_dir / "adapter").is_dir():
-        raise SystemExit(f"{spec.run_dir}/adapter missing: the ours phase did not finish")
+    if not spec.run.has_adapter():
+        raise SystemExit(f"{spec.run.adapter_dir} missing: the ours phase did not finish")
     run = decode_run(spec)
-    m = load_manifest(run)
-    res = merge(spec.model_dir, run / "adapter", run / "merged", max_shard_size="5GB",
-                chat_template=m.chat_template, eos_tokens=m.eos_tokens, progress=False)
+    # the fidelity check (fp32 peft vs merged) is the merge tests' business; here it would load
+    # the 7B model twice more
+    res = merge_run(run, max_shard_size="5GB", check_prompts=0, progress=False)
     out["merge"] = {"seconds": res.seconds, "shards": res.shards, "bytes": res.total_bytes}
     flush()
-    questions = [c.question for c in read_jsonl(run / m.dataset["files"]["test"])][:spec.decode_prompts]
+    questions = [c.question for c in run.test_split()][:spec.decode_prompts]
     engine = Engine(Registry(spec.runs_dir, base_name=str(spec.model_dir), base_path=spec.model_dir),
                     max_cached_models=1)
     greedy = GenerationSettings(max_new_tokens=spec.decode_tokens, temperature=0.0, top_p=1.0,
@@ -485,7 +483,7 @@ def phase_decode(spec: Spec, out: dict, flush) -> None:
         out["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / GB, 3)
 
 
-def decode_run(spec: Spec) -> Path:
+def decode_run(spec: Spec) -> Run:
     """A copy of the trained run whose LoRA B matrices are re-drawn at random.
 
     A few steps from B = 0 leave the adapter almost without effect, and then "adapter and merged
@@ -497,17 +495,16 @@ def decode_run(spec: Spec) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from training.manifest import load_manifest, save_manifest
-
-    src, dst = spec.run_dir, spec.runs_dir / DECODE_RUN
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "logs", "merged"))
-    m = load_manifest(dst)
+    src, dst = spec.run, Run.create(DECODE_RUN, spec.runs_dir)
+    shutil.rmtree(dst.path, ignore_errors=True)
+    shutil.copytree(src.path, dst.path, ignore=shutil.ignore_patterns(
+        src.checkpoints_dir.name, src.logs_dir.name, src.merged_dir.name))
+    m = dst.manifest()
     m.name = DECODE_RUN
-    save_manifest(dst, m)
-    path = dst / "adapter" / "adapter_model.safetensors"
+    dst.save_manifest(m)
+    path = dst.adapter_dir / "adapter_model.safetensors"
     weights = load_file(str(path))
-    cfg = json.loads((dst / "adapter" / "adapter_config.json").read_text())
+    cfg = json.loads((dst.adapter_dir / "adapter_config.json").read_text())
     scale = cfg["lora_alpha"] / cfg["r"]
     gen = torch.Generator().manual_seed(0)
     for key, b in weights.items():
@@ -639,7 +636,6 @@ class SmiPeak:
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)  # each child is its own 1-rank world (training.run.ensure_dist_env)
@@ -790,6 +786,17 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(path: Path) -> str:
+    """Summary and table again from a results file (after editing it, or from a stopped run):
+    the summary is rewritten into the file, the table into the .md beside it and returned."""
+    res = json.loads(path.read_text())
+    res["summary"] = summarize(res)
+    path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    md = markdown(res)
+    path.with_suffix(".md").write_text(md)
+    return md
+
+
 def _verdict(v: bool | None) -> str:
     return "n/a" if v is None else ("met" if v else "NOT met")
 
@@ -797,8 +804,12 @@ def _verdict(v: bool | None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python bench/gpu_qlora.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", nargs="?", default="run", choices=["run", "tokenizer", "_child"])
-    ap.add_argument("args", nargs="*", help="tokenizer: DEST")
+    ap.add_argument("command", nargs="?", default="run",
+                    choices=["run", "tokenizer", "report", "smi-peak", "_child"])
+    ap.add_argument("args", nargs="*", help="tokenizer: DEST; report: RESULTS.json")
+    ap.add_argument("--source", help="tokenizer: the tokenizer folder to cut (default: SmolLM2's)")
+    ap.add_argument("--seconds", type=float, default=10.0,
+                    help="smi-peak: how long to sample device memory")
     ap.add_argument("--tiny", action="store_true", help="2-layer hidden-64 stand-in (CPU, ~1 min)")
     ap.add_argument("--steps", type=int, help="measured optimizer steps (default 20; tiny 2)")
     ap.add_argument("--warmup", type=int, help="unmeasured steps first (default 3; tiny 1)")
@@ -841,8 +852,19 @@ def main(argv: list[str] | None = None) -> int:
         return run_child(*a.args)
     if a.command == "tokenizer":
         if len(a.args) != 1:
-            raise SystemExit("usage: python bench/gpu_qlora.py tokenizer DEST")
-        print(make_tokenizer(Path(a.args[0])))
+            raise SystemExit("usage: python bench/gpu_qlora.py tokenizer DEST [--source DIR]")
+        print(make_tokenizer(Path(a.args[0]), a.source))
+        return 0
+    if a.command == "report":
+        if len(a.args) != 1:
+            raise SystemExit("usage: python bench/gpu_qlora.py report RESULTS.json")
+        print(report(Path(a.args[0])), end="")
+        return 0
+    if a.command == "smi-peak":
+        smi = SmiPeak()
+        time.sleep(a.seconds)
+        peak = smi.stop()
+        print("n/a (no NVML)" if peak is None else f"{peak} GB")
         return 0
 
     t_start = time.time()
@@ -899,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             if phase in ("ours", "plain", "decode") and not res["phases"]["setup"].get("ok"):
                 res["phases"][phase] = {"skipped": "setup failed"}
                 continue
-            if phase == "decode" and not (spec.run_dir / "adapter").is_dir():
+            if phase == "decode" and not spec.run.has_adapter():
                 res["phases"][phase] = {"skipped": "no adapter (the ours phase did not finish)"}
                 continue
             if phase == "setup" and not (tok_dir / "tokenizer.json").is_file():

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU proof (issue 6): our QLoRA NF4 + LoRA r=64 + ZeRO-2 + packing on a 7B-shaped Llama vs the
-# plain QLoRA recipe, then chat-engine decode with the adapter attached vs merged. One command.
+# GPU proof: our QLoRA NF4 + LoRA r=64 + ZeRO-2 + packing on a 7B-shaped Llama vs the plain
+# QLoRA recipe, then chat-engine decode with the adapter attached vs merged. One command.
 #
-# On the GPU machine (after bench/fetch_gpu_wheels.sh filled bench/wheels/ on a connected one):
-#   set -o pipefail; bash bench/gpu_qlora.sh 2>&1 | tee $OUT/gpu_qlora.log   # carry bench/wheels
+# On any machine with a CUDA GPU and a shell (after bench/fetch_gpu_wheels.sh filled
+# bench/wheels/ on a connected one and the checkout was copied there with it):
+#   set -o pipefail; bash bench/gpu_qlora.sh 2>&1 | tee gpu_qlora.log
 # Here, on a CPU, the same path with a 2-layer hidden-64 stand-in (about a minute):
 #   . .venv/bin/activate && bash bench/gpu_qlora.sh --tiny
 # Options go to bench/gpu_qlora.py (--steps, --warmup, --seq, --budget, --skip decode, ...).
@@ -19,7 +20,8 @@ t0=$(date +%s)
 
 # Install what the GPU machine lacks (bitsandbytes, deepspeed, datasets, openpyxl, and the tested
 # transformers/peft) into a private folder put first on PYTHONPATH; where all of it imports
-# already (this project's venv) nothing is installed.
+# already (this project's venv) nothing is installed. The checkout itself goes on PYTHONPATH
+# below, so `training` and `medchat` import without installing the project.
 if [ -n "${MEDCHAT_BENCH_INSTALL:-}" ] || ! "$PY" -c "import bitsandbytes, deepspeed, datasets, openpyxl" >/dev/null 2>&1; then
   if ! ls "$KIT"/*.whl >/dev/null 2>&1; then
     echo "bitsandbytes/deepspeed/datasets/openpyxl are missing and $KIT holds no wheels:" \

@@ -1,33 +1,46 @@
-"""Side-by-side: our streaming merge (training.merge) vs peft's merge_and_unload() + save_pretrained.
+"""Side-by-side: our streaming merge (`medchat merge`) vs peft's merge_and_unload() +
+save_pretrained.
 
-    python bench/merge_memory.py [--run runs/smollm2-medqa] [--max-shard-size 100MB] [--repeat 1]
+    python bench/merge_memory.py [--run smollm2-medqa] [--max-shard-size 100MB] [--repeat 1]
                                  [--results bench/results/merge.md]
 
 Each merge runs in its own subprocess, one after the other, and its peak resident memory is
 that child's own `ru_maxrss` (os.wait4), so the peaks are independent of each other and of
 this script. A `python -c "import torch"` child gives the interpreter floor. Then the outputs
-are compared tensor by tensor (max |difference|). Without a trained run (no RUN/adapter), a
-synthetic adapter (r=16, all linear layers, random non-zero weights) on the default base is used.
+are compared tensor by tensor (max |difference|). With a trained run, its adapter is merged
+into the base its manifest names; without one, a synthetic adapter (r=16, all linear layers,
+random non-zero weights) on the default base is used.
+
+Our merge runs as `medchat merge --base B --adapter A --output O` into a scratch folder rather
+than as `medchat merge RUN` (training.merge.merge_run): the run-level merge records its result
+in the run's manifest, and a benchmark must not change the run it measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from medchat.base_model import resolve_base_model, resolve_ref
+from medchat.run_folder import Run, RunNotFoundError
+
+# torch, peft and transformers are imported in functions: only the synthetic-adapter child and
+# the final comparison need them, and the parent's own memory is not what is measured.
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_child(cmd: list[str], label: str) -> dict:
     """Run `cmd`; return wall seconds and the child's own peak RSS (MB)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = proc.stdout.read().decode(errors="replace")
@@ -58,8 +71,6 @@ def make_synthetic(base: str, out: Path) -> None:
 
 def compare(a: Path, b: Path) -> dict:
     """Max |a - b| over the tensors of two model folders (float32), and the key sets."""
-    import json
-
     from safetensors import safe_open
 
     def tensors(folder: Path) -> dict[str, Path]:
@@ -83,7 +94,8 @@ def compare(a: Path, b: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default=str(ROOT / "runs" / "smollm2-medqa"))
+    ap.add_argument("--run", default="smollm2-medqa",
+                    help="run name or folder whose adapter to merge (else a synthetic adapter)")
     ap.add_argument("--base", help="base model folder (default: the run's, else the default base)")
     ap.add_argument("--max-shard-size", default="100MB", help="shard size for the low-memory row")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each; the lowest time is kept")
@@ -95,17 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         make_synthetic(base, Path(out))
         return 0
 
-    sys.path.insert(0, str(ROOT))
-    from training.base_model import resolve_base_model
-    from training.manifest import load_manifest
-
-    run = Path(args.run)
+    try:
+        run = Run.open(args.run)
+    except RunNotFoundError:
+        run = None
     work = Path(tempfile.mkdtemp(prefix="merge-bench-"))
-    if (run / "adapter" / "adapter_config.json").is_file():
-        from training.merge import base_dir_from_manifest
-
-        adapter, source = run / "adapter", f"trained run `{run.name}`"
-        base = Path(args.base) if args.base else base_dir_from_manifest(load_manifest(run))
+    if run is not None and run.has_adapter():
+        adapter, source = run.adapter_dir, f"trained run `{run.name}`"
+        base = Path(args.base) if args.base else resolve_ref(run.manifest().base_model).path
     else:
         base = Path(args.base) if args.base else resolve_base_model().path
         adapter, source = work / "adapter", "synthetic adapter (r=16, all linear layers)"
@@ -120,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
          [py, "bench/peft_merge.py", "--base", str(base), "--adapter", str(adapter),
           "--output", str(work / "peft")], work / "peft"),
         ("ours, --max-shard-size 2GB (default)",
-         [py, "-m", "training.merge", "--base", str(base), "--adapter", str(adapter), "--output",
+         [py, "-m", "medchat", "merge", "--base", str(base), "--adapter", str(adapter), "--output",
           str(work / "ours-2GB"), "--check-prompts", "0", "--quiet", "--overwrite"], work / "ours-2GB"),
         (f"ours, --max-shard-size {args.max_shard_size}",
-         [py, "-m", "training.merge", "--base", str(base), "--adapter", str(adapter), "--output",
+         [py, "-m", "medchat", "merge", "--base", str(base), "--adapter", str(adapter), "--output",
           str(work / "ours-small"), "--max-shard-size", args.max_shard_size, "--check-prompts", "0",
           "--quiet", "--overwrite"], work / "ours-small"),
     ]
@@ -132,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         best = None
         for _ in range(max(args.repeat, 1)):
             if out is not None and out.exists():
-                import shutil
-
                 shutil.rmtree(out)
             r = run_child(cmd, label)
             best = r if best is None else {**r, "seconds": min(r["seconds"], best["seconds"]),

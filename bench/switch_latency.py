@@ -35,19 +35,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from medchat.base_model import resolve_base_model
+from medchat.chat_format import ensure_chat_template, prompt_ids
+from medchat.engine import Engine, GenerationSettings
+from medchat.registry import Registry
+from medchat.run_folder import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, ChatSpec, Manifest, Run,
+                                atomic_write_text)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 PROMPT = "What is metformin used for?"
 
 
 def make_runs(base: Path, runs: Path, n: int) -> list[str]:
     """n synthetic adapters as run folders (a0..a{n-1}); returns their run names."""
+    # torch, transformers and peft are imported in functions: `--help` answers at once.
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.encode import ensure_chat_template
-    from training.manifest import BaseModelRef, Manifest, save_manifest
 
     tok = AutoTokenizer.from_pretrained(base)
     template = ensure_chat_template(tok)
@@ -62,10 +66,11 @@ def make_runs(base: Path, runs: Path, n: int) -> list[str]:
             for pname, p in peft_model.named_parameters():
                 if "lora_" in pname:
                     p.normal_(0, 0.02)
-        peft_model.save_pretrained(runs / name / "adapter")
-        save_manifest(runs / name, Manifest(name=name, base_model=BaseModelRef(
-            name=str(base), local_path=str(base)), chat_template=template,
-            eos_tokens=[tok.eos_token]))
+        run = Run.create(name, runs)
+        peft_model.save_pretrained(run.adapter_dir)
+        run.save_manifest(Manifest(name=name, base_model=BaseModelRef(
+            name=str(base), local_path=str(base)), chat=ChatSpec(
+            template=template, stop_tokens=[tok.eos_token])))
         names.append(name)
     return names
 
@@ -86,9 +91,6 @@ class Ours:
     """medchat.engine with all adapters attached once; each switch routed by name."""
 
     def __init__(self, base: Path, runs: Path):
-        from medchat.engine import Engine, GenerationSettings
-        from medchat.registry import Registry
-
         t0 = time.perf_counter()
         self.reg = Registry(runs, base_name=str(base), base_path=base)
         self.eng = Engine(self.reg, device="cpu")
@@ -105,7 +107,7 @@ class Ours:
     def switch(self, name: str | None) -> tuple[float, float]:
         model = "base" if name is None else f"adapter:{name}"
         t = time.perf_counter()
-        self.eng._prepare(self.reg.get(model))  # what stream() does before generating
+        self.eng.prepare(model)  # what stream() does before generating
         step = time.perf_counter() - t
         self.eng.chat(model, PROMPT, settings=self.settings)
         return time.perf_counter() - t, step
@@ -117,9 +119,6 @@ class Reload:
     def __init__(self, base: Path, runs: Path):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from training.encode import ensure_chat_template
-        from training.manifest import DEFAULT_SYSTEM_PROMPT
 
         self.base, self.runs = base, runs
         self.tok = AutoTokenizer.from_pretrained(base)
@@ -133,12 +132,10 @@ class Reload:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from training.encode import prompt_ids
-
         t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32).eval()
         if name is not None:
-            model = PeftModel.from_pretrained(model, self.runs / name / "adapter").eval()
+            model = PeftModel.from_pretrained(model, Run(self.runs / name).adapter_dir).eval()
         step = time.perf_counter() - t
         ids = torch.tensor([prompt_ids(self.tok, self.messages)])
         with torch.inference_mode():
@@ -174,8 +171,6 @@ def write_section(path: Path, key: str, text: str) -> None:
         new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
-    from training.manifest import atomic_write_text
-
     atomic_write_text(path, new)
 
 
@@ -195,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "app.md"))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    from training.base_model import resolve_base_model
-
     base = resolve_base_model(args.base).path
     counts = [int(x) for x in args.adapters.split(",")]
     rows = []
@@ -211,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.symlink(runs / name, sub / name)
             o, r = measure(base, sub, all_names[:n], args.switches)
             rows.append((n, o, r))
-            print(f"{n:>2} adapters: ours {o['total'] * 1e3:.1f} ms (step {o['step'] * 1e3:.3f} ms), "
+            print(f"{n:>2} adapters: ours {o['total'] * 1e3:.1f} ms "
+                  f"(step {o['step'] * 1e3:.3f} ms), "
                   f"reload {r['total'] * 1e3:.1f} ms (step {r['step'] * 1e3:.1f} ms), "
                   f"ratio {r['total'] / o['total']:.1f}x; attach all {o['attach_all']:.2f} s",
                   file=sys.stderr)

@@ -2,14 +2,15 @@
 
     medchat pull OWNER/NAME [--revision REV] [--runs-dir DIR]
 
-The repo lands in `runs/<owner>--<name>/` (written to a temporary folder, renamed when
-complete): an adapter repo (it has adapter_config.json) goes to `adapter/`, a full model to
-`merged/`, next to a `medchat.json` manifest: the repo's own (pushed by `medchat push`) or one
-made from adapter_config.json / the tokenizer files. The manifest records where it came from
-(source: hub_repo, revision, commit); pulling the same commit again downloads nothing.
+The repo lands in the run `<owner>--<name>` under the runs root (written to a temporary folder,
+renamed when complete): an adapter repo (it has adapter_config.json) becomes the run's adapter,
+a full model its merged model, next to a manifest (medchat.json): the repo's own (pushed by
+`medchat push`, any schema version this release reads) or one made from adapter_config.json and
+the tokenizer files. The manifest records where it came from (source: hub_repo, revision,
+commit); pulling the same commit again downloads nothing.
 
-Used by the app's "Add from Hub" control and by a Space's launch.py (space_config.json).
-Public repos need no token; private ones use HF_TOKEN or the stored login.
+Used by `medchat pull`, the app's "Add from Hub" control and a Space's start-up
+(space_config.json). Public repos need no token; private ones use HF_TOKEN or the stored login.
 """
 
 from __future__ import annotations
@@ -19,18 +20,23 @@ import glob
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-from hub.push import HubError, hub_call, hub_endpoint, resolve_token
-from training.manifest import (DEFAULT_SYSTEM_PROMPT, MANIFEST_NAME, BaseModelRef, Manifest,
-                               ManifestError, load_manifest, runs_root, save_manifest, staged_dir)
+# snapshot_download is reached through huggingface_hub's lazy attributes: its HTTP stack loads on
+# first use, so importing this module stays cheap for the CLI.
+import huggingface_hub
+
+from hub.client import HubError, hub_api, hub_call, hub_endpoint, require_repo_id, resolve_token
+from medchat.base_model import looks_like_repo_id
+from medchat.chat_format import CHATML_TEMPLATE
+from medchat.run_folder import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, ChatSpec, Manifest,
+                                ManifestError, Run, SourceRecord, staged_dir)
 
 # What the chat engine can load: safetensors weights, configs, tokenizer, templates, card.
 PULL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken",
                  "README.md"]
-RUN_LEVEL_FILES = (MANIFEST_NAME, "eval.json", "README.md")
+PULLED_KINDS = ("adapter", "merged")
 
 
 def run_folder_name(repo_id: str) -> str:
@@ -64,76 +70,80 @@ def eos_tokens_of(folder: Path) -> list[str]:
     return [eos] if isinstance(eos, str) and eos else []
 
 
-def build_manifest(run: Path, kind: str, repo_id: str, revision: str | None,
-                   commit: str | None) -> Manifest:
-    """The repo's own medchat.json (adjusted to this copy), else one made from its files."""
-    from hub.card import looks_like_repo_id
+def adapter_base_of(folder: Path) -> str:
+    """The base model an adapter folder names (adapter_config.json), '' when none."""
+    return str(_read_json(folder / "adapter_config.json").get("base_model_name_or_path") or "")
 
-    model_dir = run / kind
+
+def build_manifest(run: Run, kind: str, name: str, repo_id: str, revision: str | None,
+                   commit: str | None) -> Manifest:
+    """The repo's own manifest (adjusted to this copy), else one made from its files."""
+    model_dir = run.model_dir(kind)
     manifest: Manifest | None = None
-    if (run / MANIFEST_NAME).is_file():
+    if run.exists():
         try:
-            manifest = load_manifest(run)
+            manifest = run.manifest()
         except ManifestError:
             manifest = None  # a broken pushed manifest: rebuild one from the model files
     if manifest is None:
         template = chat_template_of(model_dir)
         if kind == "adapter":
-            base = str(_read_json(model_dir / "adapter_config.json")
-                       .get("base_model_name_or_path") or "")
+            base = adapter_base_of(model_dir)
             ref = BaseModelRef(name=base, hub_id=base if looks_like_repo_id(base) else None)
         else:
             ref = BaseModelRef(name=repo_id, hub_id=repo_id, revision=commit)
-            if template is None:
-                # as training does for template-less bases (training.encode.ensure_chat_template)
-                from training.encode import CHATML_TEMPLATE
-
-                template = CHATML_TEMPLATE
-        manifest = Manifest(name=run_folder_name(repo_id), base_model=ref,
-                            chat_template=template or "", system_prompt=DEFAULT_SYSTEM_PROMPT,
-                            eos_tokens=eos_tokens_of(model_dir))
-    manifest.name = run.name if not run.name.startswith(".") else run_folder_name(repo_id)
+            # as training does for template-less bases (chat_format.ensure_chat_template)
+            template = template or CHATML_TEMPLATE
+        manifest = Manifest(name=name, base_model=ref,
+                            chat=ChatSpec(template=template or "",
+                                          system_prompt=DEFAULT_SYSTEM_PROMPT,
+                                          stop_tokens=eos_tokens_of(model_dir)))
+    manifest.name = name
     manifest.kind = kind
-    if kind == "adapter" and manifest.base_model.hub_id:
-        manifest.base_model.name = manifest.base_model.hub_id
-        manifest.base_model.local_path = None
-    if not manifest.chat_template:
-        manifest.chat_template = chat_template_of(model_dir) or ""
-    manifest.source = {"hub_repo": repo_id, "revision": revision or "main", "commit": commit}
+    if kind == "adapter":
+        base = manifest.base_model
+        if not base.hub_id and looks_like_repo_id(adapter_base_of(model_dir)):
+            # a manifest that names its base by a local folder only (e.g. one copied from a
+            # training machine): the adapter's own config says which Hub model it is
+            base.hub_id = adapter_base_of(model_dir)
+        if base.hub_id:
+            base.name = base.hub_id
+            base.local_path = None
+    if not manifest.chat.template:
+        manifest.chat.template = chat_template_of(model_dir) or ""
+    if not manifest.chat.stop_tokens:
+        manifest.chat.stop_tokens = eos_tokens_of(model_dir)
+    manifest.source = SourceRecord(hub_repo=repo_id, revision=revision or "main", commit=commit)
     return manifest
 
 
-def _up_to_date(target: Path, commit: str | None) -> bool:
-    if commit is None or not (target / MANIFEST_NAME).is_file():
+def _up_to_date(run: Run, commit: str | None) -> bool:
+    if commit is None or not run.exists():
         return False
     try:
-        m = load_manifest(target)
+        m = run.manifest()
     except ManifestError:
         return False
-    kind_dir = target / m.kind
-    return m.source.get("commit") == commit and kind_dir.is_dir() and any(kind_dir.iterdir())
+    if m.kind not in PULLED_KINDS:
+        return False
+    folder = run.model_dir(m.kind)
+    return m.source.commit == commit and folder.is_dir() and any(folder.iterdir())
 
 
-def pull(repo_id: str, revision: str | None = None, runs_dir=None,
+def pull(repo_id: str, revision: str | None = None, runs_dir: str | os.PathLike | None = None,
          token: str | None = None) -> Path:
-    """Download `repo_id` into runs/<owner>--<name>/ and return that run folder."""
-    from huggingface_hub import HfApi, snapshot_download
-
-    from hub.card import looks_like_repo_id
-
+    """Download `repo_id` into the run `<owner>--<name>` under the runs root; its folder."""
     repo_id = (repo_id or "").strip()
     revision = (revision or "").strip() or None
-    if not looks_like_repo_id(repo_id):
-        raise HubError(f"repo id {repo_id!r}: expected OWNER/NAME, e.g. "
-                       "HuggingFaceTB/SmolLM2-135M-Instruct")
-    target = runs_root(runs_dir) / run_folder_name(repo_id)
+    require_repo_id(repo_id, example="HuggingFaceTB/SmolLM2-135M-Instruct")
+    target = Run.create(run_folder_name(repo_id), runs_dir)
     tok = resolve_token(token, required=False)
     endpoint = hub_endpoint()
-    api = HfApi(endpoint=endpoint, token=tok)
-    info = hub_call(f"look up '{repo_id}'", lambda: api.model_info(repo_id, revision=revision),
+    client = hub_api(tok)
+    info = hub_call(f"look up '{repo_id}'", lambda: client.model_info(repo_id, revision=revision),
                     repo_id=repo_id)
     if _up_to_date(target, info.sha):
-        return target
+        return target.path
     files = {s.rfilename for s in (info.siblings or [])}
     if "adapter_config.json" in files:
         kind = "adapter"
@@ -148,40 +158,37 @@ def pull(repo_id: str, revision: str | None = None, runs_dir=None,
     # top-level files only: what from_pretrained reads (not checkpoints in subfolders)
     wanted = sorted(glob.escape(f) for f in files if "/" not in f
                     and any(fnmatch.fnmatchcase(f, p) for p in PULL_PATTERNS))
-    with staged_dir(target, overwrite=True) as tmp:
-        dl = tmp / kind
+    with staged_dir(target.path, overwrite=True) as tmp:
+        staged = Run(tmp)
+        download = staged.model_dir(kind)
         # retried as a whole: downloads are idempotent and resume into the same folder
-        hub_call(f"download '{repo_id}'", lambda: snapshot_download(
-            repo_id, revision=info.sha, local_dir=dl, allow_patterns=wanted, token=tok,
+        hub_call(f"download '{repo_id}'", lambda: huggingface_hub.snapshot_download(
+            repo_id, revision=info.sha, local_dir=download, allow_patterns=wanted, token=tok,
             endpoint=endpoint), repo_id=repo_id, retry_all=True)
-        shutil.rmtree(dl / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
-        for name in RUN_LEVEL_FILES:
-            if (dl / name).is_file():
-                os.replace(dl / name, tmp / name)
-        manifest = build_manifest(tmp, kind, repo_id, revision, info.sha)
-        manifest.name = target.name
-        save_manifest(tmp, manifest)
-    return target
+        shutil.rmtree(download / ".cache", ignore_errors=True)  # huggingface_hub's metadata
+        # files about the repo as a whole sit at the top of the run, not inside the model
+        for dest in (staged.manifest_path, staged.eval_path, staged.card_path):
+            if (download / dest.name).is_file():
+                os.replace(download / dest.name, dest)
+        staged.save_manifest(build_manifest(staged, kind, target.name, repo_id, revision,
+                                            info.sha))
+    return target.path
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def pull_command(repo: str, *, revision: str | None = None, runs_dir: str | None = None) -> int:
+    """Pull a model repo from the Hugging Face Hub into the runs folder.
 
-    ap = argparse.ArgumentParser(prog="medchat pull", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("repo", help="model repo id, OWNER/NAME")
-    ap.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
-    ap.add_argument("--runs-dir", default=None, help="runs root (default $MEDCHAT_RUNS or ./runs)")
-    args = ap.parse_args(argv)
-    try:
-        run = pull(args.repo, args.revision, args.runs_dir)
-    except HubError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    m = load_manifest(run)
-    print(f"{args.repo} ({m.kind}, commit {str(m.source.get('commit'))[:12]}) -> {run}")
+    The repo becomes the run <owner>--<name>: an adapter repo its adapter, a full model its
+    merged model, with a manifest (the repo's own, or one made from its files). Pulling the
+    same commit again downloads nothing. Public repos need no token; private ones use HF_TOKEN
+    or the stored login.
+
+    Args:
+        repo: model repo id, OWNER/NAME
+        revision: branch, tag or commit (default: main)
+        runs_dir: runs root (default: $MEDCHAT_RUNS or ./runs)
+    """
+    run = Run(pull(repo, revision, runs_dir))
+    m = run.manifest()
+    print(f"{repo} ({m.kind}, commit {str(m.source.commit)[:12]}) -> {run.path}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,8 +12,9 @@ The bundle is what the Space runs, nothing more:
                        (Gradio itself comes from sdk_version)
     space_config.json  {"base_model": "<hub id>", "models": ["owner/repo", ...]}
     launch.py          the app entry; on start it pulls each model (hub.pull) and serves them
-    medchat/ hub/      the app and Hub code
-    training/...       only the modules the app imports (found by reading the imports)
+    medchat/ hub/ ...  the modules `python launch.py` imports, found by reading the imports
+                       from launch.py on (at top level and inside functions); the training
+                       stages and the command table are not among them
 
 --base defaults to the base model named by the first adapter's manifest on the Hub.
 --dry-run writes the bundle (to --output, else a temporary folder) and lists it, without
@@ -32,11 +33,24 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.push import HubError, PlannedFile, commit_files, connect, human_size, hub_endpoint
+# huggingface_hub loads SpaceCardData & co. (and its HTTP stack) on first attribute use, so
+# importing this module stays cheap for the CLI.
+import huggingface_hub
+
+from hub.client import (HubError, PlannedFile, commit_files, connect, human_size, hub_endpoint,
+                        require_repo_id)
+from medchat.base_model import DEFAULT_BASE_MODEL, looks_like_repo_id
+from medchat.run_folder import MANIFEST_NAME, atomic_write_text, staged_dir
+
+try:
+    import tomllib  # Python >= 3.11
+except ImportError:  # pragma: no cover - 3.10 reads the installed metadata instead
+    tomllib = None  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_FILE = "launch.py"
-PACKAGES = ("medchat", "hub")  # shipped whole
+# The project's own top-level modules and packages: imports of these are followed into the
+# bundle (only as far as launch.py's imports reach), everything else is a third-party import.
 LOCAL_ROOTS = ("medchat", "hub", "training", "launch")
 # Needed to train, not to chat; canonical (PEP 503) names.
 TRAINING_ONLY = {"bitsandbytes", "deepspeed", "tensorboard", "datasets", "openpyxl", "sacrebleu",
@@ -95,18 +109,16 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
             else:
                 mod = node.module or ""
             found.add(mod)
-            for alias in node.names:  # `from training import manifest` imports a module
+            for alias in node.names:  # `from medchat import app` imports a module
                 if _module_path(f"{mod}.{alias.name}", root):
                     found.add(f"{mod}.{alias.name}")
     return {m for m in found if m}
 
 
 def app_files(root: Path = ROOT) -> list[Path]:
-    """launch.py, medchat/ and hub/ whole, and the training modules they import (transitively),
-    as paths relative to `root`."""
+    """launch.py and every first-party module it imports, transitively (with the packages above
+    them), as paths relative to `root`: what `python launch.py` needs, and nothing else."""
     todo = [root / APP_FILE]
-    for pkg in PACKAGES:
-        todo += sorted((root / pkg).glob("*.py"))
     seen: set[Path] = set()
     while todo:
         path = todo.pop()
@@ -142,10 +154,6 @@ def third_party_imports(files: list[Path], root: Path = ROOT) -> set[str]:
 def declared_dependencies(root: Path = ROOT) -> list[str]:
     """The project's runtime requirements (pyproject.toml, else the installed metadata)."""
     pyproject = root / "pyproject.toml"
-    try:
-        import tomllib  # Python >= 3.11
-    except ImportError:  # pragma: no cover - 3.10 reads the installed metadata instead
-        tomllib = None  # type: ignore[assignment]
     if pyproject.is_file() and tomllib is not None:
         data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
         return list(data.get("project", {}).get("dependencies", []))
@@ -179,10 +187,8 @@ def _gradio_version() -> str:
 
 
 def space_readme(repo_id: str, models: list[str], base_model: str, hardware: str) -> str:
-    from huggingface_hub import SpaceCardData
-
     title = repo_id.split("/")[-1].replace("-", " ").replace("_", " ").strip() or "medchat"
-    data = SpaceCardData(
+    data = huggingface_hub.SpaceCardData(
         title=title, emoji="💊", colorFrom="blue", colorTo="green", sdk="gradio",
         sdk_version=_gradio_version(), app_file=APP_FILE,
         python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
@@ -209,9 +215,7 @@ medication questions; they can be wrong or out of date. Ask a doctor or pharmaci
 
 
 def _check_hardware(hardware: str) -> str:
-    from huggingface_hub import SpaceHardware
-
-    known = [h.value for h in SpaceHardware]
+    known = [h.value for h in huggingface_hub.SpaceHardware]
     if hardware not in known:
         raise HubError(f"--hardware {hardware!r}: not a Space hardware; one of {', '.join(known)}")
     return hardware
@@ -223,16 +227,14 @@ def detect_base_model(models: list[str], token: str | None = None) -> str | None
 
     One plain GET per file, no retries: this only picks a default, and an unreachable Hub
     should not cost minutes of backoff (the push itself retries)."""
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session
-
-    from hub.card import looks_like_repo_id
+    from huggingface_hub.utils import build_hf_headers
 
     headers = build_hf_headers(token=token)
     for repo in models:
-        for name in ("medchat.json", "adapter_config.json"):
+        for name in (MANIFEST_NAME, "adapter_config.json"):
             try:
-                r = get_session().get(hf_hub_url(repo, name, endpoint=hub_endpoint()),
+                r = huggingface_hub.get_session().get(
+                    huggingface_hub.hf_hub_url(repo, name, endpoint=hub_endpoint()),
                                       headers=headers, timeout=10, follow_redirects=True)
             except Exception:  # noqa: BLE001 - offline, DNS, refused...: no default to find
                 return None
@@ -242,7 +244,7 @@ def detect_base_model(models: list[str], token: str | None = None) -> str | None
                 data = r.json()
             except ValueError:
                 continue
-            if name == "medchat.json":
+            if name == MANIFEST_NAME:
                 if data.get("kind") == "merged":
                     break  # a full model says nothing about the base to keep in memory
                 base = data.get("base_model") or {}
@@ -260,8 +262,6 @@ def detect_base_model(models: list[str], token: str | None = None) -> str | None
 
 
 def parse_models(models: str | list[str]) -> list[str]:
-    from hub.card import looks_like_repo_id
-
     items = models.split(",") if isinstance(models, str) else list(models)
     items = [m.strip() for m in items if m and m.strip()]
     bad = [m for m in items if not looks_like_repo_id(m)]
@@ -275,11 +275,7 @@ def build_bundle(output: str | os.PathLike, repo_id: str, models: list[str], bas
                  hardware: str = DEFAULT_HARDWARE, root: Path = ROOT,
                  overwrite: bool = True) -> Bundle:
     """Write the Space bundle into `output` (temporary folder, renamed when complete)."""
-    from hub.card import looks_like_repo_id
-    from training.manifest import atomic_write_text, staged_dir
-
-    if not looks_like_repo_id(repo_id):
-        raise HubError(f"Space id {repo_id!r}: expected OWNER/NAME")
+    require_repo_id(repo_id, "Space id", "your-name/medchat-demo")
     if not looks_like_repo_id(base_model):
         raise HubError(f"--base {base_model!r}: a Space downloads its base model, so it must be "
                        "a Hub id (OWNER/NAME), not a local folder")
@@ -308,12 +304,10 @@ def deploy_space(repo_id: str, models: str | list[str], base_model: str | None =
                  output: str | os.PathLike | None = None, token: str | None = None,
                  commit_message: str | None = None) -> tuple[Bundle, str | None]:
     """Build the bundle and (unless dry_run) push it to the Space; (bundle, commit url)."""
-    from training.base_model import DEFAULT_BASE_MODEL
-
     model_list = parse_models(models)
-    api = user = None
+    client = user = None
     if not dry_run:
-        api, user = connect(token)
+        client, user = connect(token)
     base = base_model or detect_base_model(model_list, token)
     if base is None:
         base = DEFAULT_BASE_MODEL
@@ -328,7 +322,7 @@ def deploy_space(repo_id: str, models: str | list[str], base_model: str | None =
             return bundle, None
         files = [PlannedFile(f.as_posix(), (folder / f).stat().st_size, source=folder / f)
                  for f in bundle.files]
-        url, _, _ = commit_files(api, repo_id, files, repo_type="space", private=private,
+        url, _, _ = commit_files(client, repo_id, files, repo_type="space", private=private,
                                  space_sdk="gradio", user=user, commit_message=commit_message or
                                  f"medchat: Space serving {', '.join(model_list)}")
         return bundle, url
@@ -337,36 +331,33 @@ def deploy_space(repo_id: str, models: str | list[str], base_model: str | None =
             shutil.rmtree(folder.parent, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def deploy_space_command(repo: str, *, models: str, base: str | None = None,
+                         hardware: str = DEFAULT_HARDWARE, private: bool = False,
+                         dry_run: bool = False, output: str | None = None,
+                         commit_message: str | None = None) -> int:
+    """Bundle the chat app as a Hugging Face Space and push it, in one commit.
 
-    ap = argparse.ArgumentParser(prog="medchat deploy-space", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("repo", help="Space repo, OWNER/NAME")
-    ap.add_argument("--models", required=True, help="comma-separated model repos to serve")
-    ap.add_argument("--base", default=None, help="base model Hub id (default: from the models)")
-    ap.add_argument("--hardware", default=DEFAULT_HARDWARE,
-                    help="suggested_hardware in the front matter (default cpu-basic); request it "
-                         "in the Space settings")
-    ap.add_argument("--private", action="store_true", help="create the Space as private")
-    ap.add_argument("--dry-run", action="store_true", help="write and list the bundle; no push")
-    ap.add_argument("--output", default=None, help="where to write the bundle (kept)")
-    ap.add_argument("--commit-message", default=None)
-    args = ap.parse_args(argv)
-    try:
-        bundle, url = deploy_space(args.repo, args.models, args.base, args.hardware, args.private,
-                                   args.dry_run, args.output, commit_message=args.commit_message)
-    except HubError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    The bundle holds launch.py and the modules it imports, requirements.txt (the runtime
+    dependencies without training-only packages), space_config.json (the base model and the
+    model repos the Space pulls at start) and a README.md with the Space front matter. The
+    token comes from HF_TOKEN or the stored login, as for `medchat push`.
+
+    Args:
+        repo: Space repo, OWNER/NAME
+        models: comma-separated model repos to serve
+        base: base model Hub id (default: from the models)
+        hardware: suggested_hardware in the front matter; request it in the Space settings
+        private: create the Space as private
+        dry_run: write and list the bundle; no push
+        output: where to write the bundle (kept)
+        commit_message: commit message (default: names the models)
+    """
+    bundle, url = deploy_space(repo, models, base, hardware, private, dry_run, output,
+                               commit_message=commit_message)
     where = f"bundle in {bundle.folder}"
     if url is None:
         print(f"dry run: {where} (base {bundle.base_model}); not pushed\n{bundle.describe()}")
     else:
-        kept = f"; {where}" if args.output else ""
-        print(f"Space {args.repo} updated ({len(bundle.files)} files{kept})\n{url}")
+        kept = f"; {where}" if output else ""
+        print(f"Space {repo} updated ({len(bundle.files)} files{kept})\n{url}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """The Gradio app over the engine and the registry: a streaming chat with a model selector
 (base / adapter / merged, with base model and eval score), a side-by-side compare view, and an
-"add from Hub" control. Start it with `python launch.py` (see there for the options).
+"add from Hub" control. Start it with `python launch.py` or `medchat app` (medchat.server).
 
 API endpoints (for `gradio_client`, tests and benchmarks), all on the queue:
 
@@ -11,23 +11,28 @@ API endpoints (for `gradio_client`, tests and benchmarks), all on the queue:
     /refresh  () -> [{"id", "kind", "label"}]   rescan the runs folder
 
 `model` must be a registered id (see /models); anything else is refused by the engine.
+
+The page is built by small functions, one per part: `chat_tab`, `compare_tab`,
+`settings_panel` and `hub_panel` lay out components; `Handlers` holds what the events run;
+`build_app` puts them together and wires the events and the API.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import queue
-import re
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry / version check calls
 
 import gradio as gr  # noqa: E402
 
-from medchat.engine import Engine, EngineError, GenerationSettings, SettingsError, Stream  # noqa: E402
+from medchat.base_model import looks_like_repo_id  # noqa: E402
+from medchat.engine import (Engine, EngineError, GenerationSettings, SettingsError,  # noqa: E402
+                            Stream)
 from medchat.registry import BASE_ID, Registry, UnknownModelError  # noqa: E402
 
 DISCLAIMER = ("**Not medical advice.** Answers come from a small language model fine-tuned on "
@@ -41,21 +46,16 @@ CSS = """
 #disclaimer p {margin: 0}
 #status {min-height: 1.5em; font-size: 0.85em; color: #6b7280}
 """
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
-UserError = (UnknownModelError, EngineError, SettingsError)
+# Errors a request can cause; shown to the user as they are.
+REQUEST_ERRORS = (UnknownModelError, EngineError, SettingsError)
 
-
-def hub_pull_available() -> bool:
-    """The "Add from Hub" control needs hub.pull (written by the hub issue); hidden without it."""
-    try:
-        return importlib.util.find_spec("hub.pull") is not None
-    except (ImportError, ValueError):
-        return False
+# pull(repo_id, revision=..., runs_dir=...) -> the run folder it wrote (hub.pull.pull)
+PullFunction = Callable[..., "str | os.PathLike"]
 
 
 def _settings(max_new_tokens, temperature, top_p, repetition_penalty, seed,
-              defaults: dict[str, Any] | None = None) -> GenerationSettings:
+              defaults: Any = None) -> GenerationSettings:
     try:
         seed = None if seed is None or seed == "" or int(seed) < 0 else int(seed)
     except (TypeError, ValueError):
@@ -104,267 +104,388 @@ def merge_streams(streams: list[Stream], interval: float = 0.05) -> Iterator[tup
             s.cancel()
 
 
-def build_app(engine: Engine, registry: Registry, *, allow_pull: bool = True,
-              gpu: Callable | None = None, default_model: str | None = None,
-              concurrency: int | None = 4, title: str = "medchat",
-              stream_interval: float = 0.05) -> gr.Blocks:
-    """The Blocks app. `gpu` wraps the generating functions (spaces.GPU on a ZeroGPU Space);
-    `stream_interval`: pieces arriving closer together than this are sent as one update."""
-    wrap = gpu or (lambda f: f)
-    pull_ok = allow_pull and hub_pull_available()
+def _turn(history: list, message: str) -> list:
+    return history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
 
-    def default_id() -> str:
-        ids = registry.ids()
-        if default_model in ids:
-            return default_model
-        tuned = [i for i in ids if i != BASE_ID]
-        return tuned[0] if tuned else BASE_ID
 
-    def placeholder(model_id: str) -> str:
+def _append(history: list, piece: str) -> None:
+    history[-1] = {"role": "assistant", "content": history[-1]["content"] + piece}
+
+
+# -- what the events run -------------------------------------------------------------------------
+
+class Handlers:
+    """The functions behind the chat and compare views and the API endpoints."""
+
+    def __init__(self, engine: Engine, registry: Registry, stream_interval: float = 0.05,
+                 pull: PullFunction | None = None):
+        self.engine = engine
+        self.registry = registry
+        self.interval = stream_interval
+        self.pull = pull
+
+    def start(self, model, message, history, system, settings, request) -> Stream:
+        """Start one generation for a client; request errors become messages in the UI."""
+        owner = getattr(request, "session_hash", None)
         try:
-            return registry.get(model_id).system_prompt
+            entry = self.registry.get(model)
+            settings = _settings(*settings, defaults=entry.generation)
+            return self.engine.stream(model, message, history, system, settings, owner=owner)
+        except REQUEST_ERRORS as e:
+            raise gr.Error(str(e)) from None
+
+    def placeholder(self, model_id: str) -> str:
+        """The model's own system prompt, shown greyed in the system prompt box."""
+        try:
+            return self.registry.get(model_id).system_prompt
         except UnknownModelError:
             return ""
 
-    def start(model, message, history, system, settings, request) -> Stream:
-        owner = getattr(request, "session_hash", None)
-        try:
-            entry = registry.get(model)
-            settings = _settings(*settings, defaults=entry.generation)
-            return engine.stream(model, message, history, system, settings, owner=owner)
-        except UserError as e:
-            raise gr.Error(str(e)) from None
+    def models(self) -> list[dict]:
+        return [{"id": e.id, "kind": e.kind, "label": e.label} for e in self.registry.entries()]
 
-    # -- chat tab --------------------------------------------------------------------------------
-
-    @wrap
-    def respond(message, history, model, system, max_new, temp, top_p, rep, seed,
-                request: gr.Request):
-        history = list(history or [])
-        if not (message or "").strip():
-            yield history, message, ""
-            return
-        stream = start(model, message, history, system, (max_new, temp, top_p, rep, seed), request)
-        for notice in stream.notices:
-            gr.Warning(notice)
-        history = history + [{"role": "user", "content": message},
-                             {"role": "assistant", "content": ""}]
-        yield history, "", ""
-        try:
-            for piece in stream.batched(stream_interval):
-                history[-1] = {"role": "assistant", "content": history[-1]["content"] + piece}
-                yield history, "", ""
-        except EngineError as e:
-            raise gr.Error(str(e)) from None
-        finally:
-            stream.cancel()  # no-op when finished; stops generation when the client went away
-        yield history, "", _status(stream)
-
-    # -- compare tab -----------------------------------------------------------------------------
-
-    @wrap
-    def compare(message, hist_a, hist_b, model_a, model_b, system, max_new, temp, top_p, rep,
-                seed, request: gr.Request):
-        hist_a, hist_b = list(hist_a or []), list(hist_b or [])
-        if not (message or "").strip():
-            yield hist_a, hist_b, message, ""
-            return
-        settings = (max_new, temp, top_p, rep, seed)
-        if temp and float(temp) > 0 and (seed is None or int(seed) < 0):
-            # both sides draw with the same seed, so differences come from the models
-            settings = settings[:4] + (int.from_bytes(os.urandom(3), "big"),)
-        streams = [start(model_a, message, hist_a, system, settings, request)]
-        try:
-            streams.append(start(model_b, message, hist_b, system, settings, request))
-        except gr.Error:
-            streams[0].cancel()
-            raise
-        for notice in dict.fromkeys(n for s in streams for n in s.notices):
-            gr.Warning(notice)
-        hists = [h + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-                 for h in (hist_a, hist_b)]
-        yield hists[0], hists[1], "", ""
-        try:
-            for i, piece in merge_streams(streams, stream_interval):
-                hists[i][-1] = {"role": "assistant", "content": hists[i][-1]["content"] + piece}
-                yield hists[0], hists[1], "", ""
-        except EngineError as e:
-            raise gr.Error(str(e)) from None
-        yield hists[0], hists[1], "", " | ".join(_status(s) for s in streams)
-
-    # -- API -------------------------------------------------------------------------------------
-
-    def models() -> list[dict]:
-        return [{"id": e.id, "kind": e.kind, "label": e.label} for e in registry.entries()]
-
-    @wrap
-    def chat(message: str, history: list, model: str, system_prompt: str = "",
-             max_new_tokens: int | None = None, temperature: float | None = None,
-             top_p: float | None = None, repetition_penalty: float | None = None,
-             seed: int | None = None, request: gr.Request = None) -> Iterator[str]:
-        """Stream the answer (the text so far) of `model` to `message` after `history`."""
-        stream = start(model, message, history or [], system_prompt,
-                       (max_new_tokens, temperature, top_p, repetition_penalty,
-                        -1 if seed is None else seed), request)
-        for notice in stream.notices:
-            gr.Warning(notice)
-        try:
-            for _ in stream.batched(stream_interval):
-                yield stream.text
-        except EngineError as e:
-            raise gr.Error(str(e)) from None
-        finally:
-            stream.cancel()
-        if not stream.text:
-            yield ""
-
-    def stop(request: gr.Request = None) -> int:
+    def stop(self, request: gr.Request = None) -> int:
         """Cancel this client's running generations; returns how many."""
         owner = getattr(request, "session_hash", None)
-        return engine.cancel(owner) if owner else 0
+        return self.engine.cancel(owner) if owner else 0
 
-    def stop_ui(request: gr.Request):  # the Stop buttons (own name: api names must be unique)
-        stop(request)
+    def stop_ui(self, request: gr.Request) -> None:
+        """The Stop buttons (a name of their own: API names must be unique)."""
+        self.stop(request)
 
-    def refresh_api() -> list[dict]:
-        registry.refresh()
-        return models()
+    def respond_fn(self) -> Callable:
+        """The chat tab: the answer streams into the conversation."""
 
-    # -- layout ----------------------------------------------------------------------------------
+        def respond(message, history, model, system, max_new, temp, top_p, rep, seed,
+                    request: gr.Request):
+            history = list(history or [])
+            if not (message or "").strip():
+                yield history, message, ""
+                return
+            stream = self.start(model, message, history, system,
+                                (max_new, temp, top_p, rep, seed), request)
+            for notice in stream.notices:
+                gr.Warning(notice)
+            history = _turn(history, message)
+            yield history, "", ""
+            try:
+                for piece in stream.batched(self.interval):
+                    _append(history, piece)
+                    yield history, "", ""
+            except EngineError as e:
+                raise gr.Error(str(e)) from None
+            finally:
+                stream.cancel()  # no-op when finished; stops generation when the client went away
+            yield history, "", _status(stream)
 
-    first = default_id()
+        return respond
+
+    def compare_fn(self) -> Callable:
+        """The compare tab: one question, two models, both answers streaming at once."""
+
+        def compare(message, hist_a, hist_b, model_a, model_b, system, max_new, temp, top_p,
+                    rep, seed, request: gr.Request):
+            hist_a, hist_b = list(hist_a or []), list(hist_b or [])
+            if not (message or "").strip():
+                yield hist_a, hist_b, message, ""
+                return
+            settings = (max_new, temp, top_p, rep, seed)
+            if temp and float(temp) > 0 and (seed is None or int(seed) < 0):
+                # both sides draw with the same seed, so differences come from the models
+                settings = settings[:4] + (int.from_bytes(os.urandom(3), "big"),)
+            streams = [self.start(model_a, message, hist_a, system, settings, request)]
+            try:
+                streams.append(self.start(model_b, message, hist_b, system, settings, request))
+            except gr.Error:
+                streams[0].cancel()
+                raise
+            for notice in dict.fromkeys(n for s in streams for n in s.notices):
+                gr.Warning(notice)
+            hists = [_turn(hist_a, message), _turn(hist_b, message)]
+            yield hists[0], hists[1], "", ""
+            try:
+                for i, piece in merge_streams(streams, self.interval):
+                    _append(hists[i], piece)
+                    yield hists[0], hists[1], "", ""
+            except EngineError as e:
+                raise gr.Error(str(e)) from None
+            yield hists[0], hists[1], "", " | ".join(_status(s) for s in streams)
+
+        return compare
+
+    def chat_fn(self) -> Callable:
+        """The /chat endpoint: streams the text so far."""
+
+        def chat(message: str, history: list, model: str, system_prompt: str = "",
+                 max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None, request: gr.Request = None) -> Iterator[str]:
+            """Stream the answer (the text so far) of `model` to `message` after `history`."""
+            stream = self.start(model, message, history or [], system_prompt,
+                                (max_new_tokens, temperature, top_p, repetition_penalty,
+                                 -1 if seed is None else seed), request)
+            for notice in stream.notices:
+                gr.Warning(notice)
+            try:
+                for _ in stream.batched(self.interval):
+                    yield stream.text
+            except EngineError as e:
+                raise gr.Error(str(e)) from None
+            finally:
+                stream.cancel()
+            if not stream.text:
+                yield ""
+
+        return chat
+
+    def refresh_api(self) -> list[dict]:
+        self.registry.refresh()
+        return self.models()
+
+    def on_refresh(self, current, a, b):
+        """The refresh button: rescan, keep the selections that still exist."""
+        self.registry.refresh()
+        # attach new adapters in the background so the first answer from them is quick
+        threading.Thread(target=self.engine.preload, daemon=True).start()
+        choices, ids = self.registry.choices(), self.registry.ids()
+        keep = [v if v in ids else BASE_ID for v in (current, a, b)]
+        qs = self.registry.examples(limit=8, model_id=keep[0]) or FALLBACK_EXAMPLES
+        note = "; ".join(self.registry.problems)
+        if note:
+            gr.Warning(f"Some runs were skipped: {note}")
+        return (gr.update(choices=choices, value=keep[0]),
+                gr.update(choices=choices, value=keep[1]),
+                gr.update(choices=choices, value=keep[2]),
+                gr.Dataset(samples=[[q] for q in qs]),
+                f"{len(ids)} models: " + ", ".join(ids))
+
+    def add_from_hub(self, repo_id, rev, current, a, b):
+        """The hub panel: pull a repo into the runs folder and select what it added."""
+        repo_id, rev = (repo_id or "").strip(), (rev or "").strip() or None
+        if not looks_like_repo_id(repo_id):
+            raise gr.Error(f"{repo_id!r} is not a Hub repo id; expected 'owner/name'")
+        try:
+            run_dir = self.pull(repo_id, revision=rev, runs_dir=self.registry.runs_dir)
+        except Exception as e:  # network, missing repo, not a medchat repo: tell the user
+            raise gr.Error(f"Could not add {repo_id}: {type(e).__name__}: {e}") from None
+        self.registry.refresh()
+        run_name = Path(run_dir).name
+        new = [i for i in self.registry.ids() if i.split(":", 1)[-1] == run_name]
+        choices = self.registry.choices()
+        value = new[0] if new else current
+        return (gr.update(choices=choices, value=value), gr.update(choices=choices, value=a),
+                gr.update(choices=choices, value=b),
+                f"Added {repo_id} as {', '.join(new) or 'nothing new'}.")
+
+
+# -- layout --------------------------------------------------------------------------------------
+
+@dataclass
+class ChatTab:
+    model: gr.Dropdown
+    refresh: gr.Button
+    chatbot: gr.Chatbot
+    box: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    status: gr.Markdown
+    examples: gr.Examples
+    clear: gr.Button
+
+
+@dataclass
+class CompareTab:
+    model_a: gr.Dropdown
+    model_b: gr.Dropdown
+    chat_a: gr.Chatbot
+    chat_b: gr.Chatbot
+    box: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    status: gr.Markdown
+    clear: gr.Button
+
+
+@dataclass
+class SettingsPanel:
+    system: gr.Textbox
+    max_new: gr.Slider
+    temp: gr.Slider
+    top_p: gr.Slider
+    rep: gr.Slider
+    seed: gr.Number
+
+    def inputs(self) -> list:
+        """In the order the handlers take them."""
+        return [self.system, self.max_new, self.temp, self.top_p, self.rep, self.seed]
+
+
+@dataclass
+class HubPanel:
+    repo: gr.Textbox
+    revision: gr.Textbox
+    button: gr.Button
+    status: gr.Markdown
+
+
+def chat_tab(registry: Registry, first: str) -> ChatTab:
+    """Model selector, conversation, message box with Send/Stop, examples from the test split."""
     held_out = registry.examples(limit=8, model_id=first)
-    examples = held_out or FALLBACK_EXAMPLES
+    with gr.Tab("Chat", id="chat"):
+        with gr.Row():
+            model = gr.Dropdown(registry.choices(), value=first, label="Model", scale=8,
+                                elem_id="model")
+            with gr.Column(scale=1, min_width=110):
+                refresh = gr.Button("↻ Refresh models", size="sm", elem_id="refresh")
+        chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot",
+                             buttons=["copy"])
+        with gr.Row():
+            box = gr.Textbox(placeholder="Ask about a medication…", show_label=False, scale=8,
+                             autofocus=True, elem_id="message", lines=1)
+            send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
+        status = gr.Markdown(elem_id="status")
+        examples = gr.Examples([[q] for q in held_out or FALLBACK_EXAMPLES], inputs=[box],
+                               label="Examples (held-out test questions)" if held_out
+                               else "Examples")
+        clear = gr.Button("Clear conversation", size="sm")
+    return ChatTab(model, refresh, chatbot, box, send, stop, status, examples, clear)
+
+
+def compare_tab(registry: Registry, first: str) -> CompareTab:
+    """Two selectors (base vs the selected fine-tuned model) and two conversations."""
+    with gr.Tab("Compare", id="compare"):
+        with gr.Row():
+            ids = registry.ids()
+            second = first if first != BASE_ID else (ids[1] if len(ids) > 1 else BASE_ID)
+            model_a = gr.Dropdown(registry.choices(), value=BASE_ID, label="Model A",
+                                  elem_id="model_a")
+            model_b = gr.Dropdown(registry.choices(), value=second, label="Model B",
+                                  elem_id="model_b")
+        with gr.Row():
+            chat_a = gr.Chatbot(label="A", height=380, elem_id="chat_a")
+            chat_b = gr.Chatbot(label="B", height=380, elem_id="chat_b")
+        with gr.Row():
+            box = gr.Textbox(placeholder="One question, two models…", show_label=False, scale=8,
+                             elem_id="cmessage")
+            send = gr.Button("Ask both", variant="primary", scale=1, min_width=80)
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
+        status = gr.Markdown(elem_id="cstatus")
+        clear = gr.Button("Clear", size="sm")
+    return CompareTab(model_a, model_b, chat_a, chat_b, box, send, stop, status, clear)
+
+
+def settings_panel(registry: Registry, first: str, placeholder: str) -> SettingsPanel:
+    """System prompt and sampling settings, starting from the first model's manifest."""
+    with gr.Accordion("System prompt and generation settings", open=False):
+        system = gr.Textbox(label="System prompt (empty: the model's own, shown greyed)",
+                            placeholder=placeholder, lines=2, elem_id="system")
+        defaults = GenerationSettings.from_defaults(
+            registry.get(first).generation if first in registry.ids() else None)
+        with gr.Row():
+            max_new = gr.Slider(1, 2048, value=defaults.max_new_tokens, step=1,
+                                label="Max new tokens")
+            temp = gr.Slider(0, 2, value=defaults.temperature, step=0.05,
+                             label="Temperature (0 = greedy)")
+        with gr.Row():
+            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
+            rep = gr.Slider(0.8, 2, value=defaults.repetition_penalty, step=0.05,
+                            label="Repetition penalty")
+            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+    return SettingsPanel(system, max_new, temp, top_p, rep, seed)
+
+
+def hub_panel() -> HubPanel:
+    """Repo id and revision to pull into the runs folder."""
+    with gr.Accordion("Add a model from the Hugging Face Hub", open=False):
+        with gr.Row():
+            repo = gr.Textbox(label="Repo id", placeholder="owner/name", scale=4)
+            revision = gr.Textbox(label="Revision (optional)", scale=2)
+            button = gr.Button("Add from Hub", scale=1)
+        status = gr.Markdown()
+    return HubPanel(repo, revision, button, status)
+
+
+# -- events ----------------------------------------------------------------------------------------
+
+def wire_chat(tab: ChatTab, settings: SettingsPanel, respond: Callable, h: Handlers,
+              limit: dict[str, Any]) -> None:
+    inputs = [tab.box, tab.chatbot, tab.model] + settings.inputs()
+    outputs = [tab.chatbot, tab.box, tab.status]
+    runs = [tab.box.submit(respond, inputs, outputs, api_visibility="private", **limit),
+            tab.send.click(respond, inputs, outputs, api_visibility="private", **limit)]
+    tab.stop.click(h.stop_ui, None, None, cancels=runs, api_visibility="private", queue=False)
+    tab.clear.click(lambda: ([], ""), None, [tab.chatbot, tab.status], api_visibility="private",
+                    queue=False)
+    tab.model.change(lambda m: gr.update(placeholder=h.placeholder(m)), tab.model,
+                     settings.system, api_visibility="private", queue=False)
+
+
+def wire_compare(tab: CompareTab, settings: SettingsPanel, compare: Callable, h: Handlers,
+                 limit: dict[str, Any]) -> None:
+    inputs = [tab.box, tab.chat_a, tab.chat_b, tab.model_a, tab.model_b] + settings.inputs()
+    outputs = [tab.chat_a, tab.chat_b, tab.box, tab.status]
+    runs = [tab.box.submit(compare, inputs, outputs, api_visibility="private", **limit),
+            tab.send.click(compare, inputs, outputs, api_visibility="private", **limit)]
+    tab.stop.click(h.stop_ui, None, None, cancels=runs, api_visibility="private", queue=False)
+    tab.clear.click(lambda: ([], [], ""), None, [tab.chat_a, tab.chat_b, tab.status],
+                    api_visibility="private", queue=False)
+
+
+def wire_refresh(chat: ChatTab, compare: CompareTab, h: Handlers) -> None:
+    selectors = [chat.model, compare.model_a, compare.model_b]
+    chat.refresh.click(h.on_refresh, selectors,
+                       selectors + [chat.examples.dataset, chat.status], api_visibility="private")
+
+
+def wire_hub(panel: HubPanel, chat: ChatTab, compare: CompareTab, h: Handlers) -> None:
+    selectors = [chat.model, compare.model_a, compare.model_b]
+    panel.button.click(h.add_from_hub, [panel.repo, panel.revision] + selectors,
+                       selectors + [panel.status], api_visibility="private")
+
+
+def add_api(h: Handlers, wrap: Callable, limit: dict[str, Any]) -> None:
+    """The endpoints of the module docstring."""
+    gr.api(wrap(h.chat_fn()), api_name="chat", **limit)
+    gr.api(h.models, api_name="models", queue=False)
+    gr.api(h.stop, api_name="stop", queue=False)
+    gr.api(h.refresh_api, api_name="refresh")
+
+
+def initial_model(registry: Registry, preferred: str | None = None) -> str:
+    """The model selected at start: `preferred` if registered, else the first fine-tuned one."""
+    ids = registry.ids()
+    if preferred in ids:
+        return preferred
+    tuned = [i for i in ids if i != BASE_ID]
+    return tuned[0] if tuned else BASE_ID
+
+
+def build_app(engine: Engine, registry: Registry, *, pull: PullFunction | None = None,
+              gpu: Callable | None = None, default_model: str | None = None,
+              concurrency: int | None = 4, title: str = "medchat",
+              stream_interval: float = 0.05) -> gr.Blocks:
+    """The Blocks app. `pull` (hub.pull.pull) backs the "Add from Hub" panel, hidden when None;
+    `gpu` wraps the generating functions (spaces.GPU on a ZeroGPU Space); `stream_interval`:
+    pieces arriving closer together than this are sent as one update."""
+    wrap = gpu or (lambda f: f)
+    h = Handlers(engine, registry, stream_interval, pull)
+    first = initial_model(registry, default_model)
+    limit = {"concurrency_limit": concurrency, "concurrency_id": "generate"}
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\nChat with the base model and its fine-tuned versions; "
                     "compare two side by side.")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
         with gr.Tabs():
-            with gr.Tab("Chat", id="chat"):
-                with gr.Row():
-                    model = gr.Dropdown(registry.choices(), value=first, label="Model",
-                                        scale=8, elem_id="model")
-                    with gr.Column(scale=1, min_width=110):
-                        refresh = gr.Button("↻ Refresh models", size="sm", elem_id="refresh")
-                chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot",
-                                     buttons=["copy"])
-                with gr.Row():
-                    box = gr.Textbox(placeholder="Ask about a medication…", show_label=False,
-                                     scale=8, autofocus=True, elem_id="message", lines=1)
-                    send = gr.Button("Send", variant="primary", scale=1, min_width=80,
-                                     elem_id="send")
-                    stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80,
-                                         elem_id="stop")
-                status = gr.Markdown(elem_id="status")
-                ex = gr.Examples([[q] for q in examples], inputs=[box],
-                                 label="Examples (held-out test questions)" if held_out
-                                 else "Examples")
-                clear = gr.Button("Clear conversation", size="sm")
-            with gr.Tab("Compare", id="compare"):
-                with gr.Row():
-                    ids = registry.ids()
-                    model_a = gr.Dropdown(registry.choices(), value=BASE_ID, label="Model A",
-                                          elem_id="model_a")
-                    model_b = gr.Dropdown(registry.choices(), value=first if first != BASE_ID
-                                          else (ids[1] if len(ids) > 1 else BASE_ID),
-                                          label="Model B", elem_id="model_b")
-                with gr.Row():
-                    chat_a = gr.Chatbot(label="A", height=380, elem_id="chat_a")
-                    chat_b = gr.Chatbot(label="B", height=380, elem_id="chat_b")
-                with gr.Row():
-                    cbox = gr.Textbox(placeholder="One question, two models…", show_label=False,
-                                      scale=8, elem_id="cmessage")
-                    csend = gr.Button("Ask both", variant="primary", scale=1, min_width=80)
-                    cstop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
-                cstatus = gr.Markdown(elem_id="cstatus")
-                cclear = gr.Button("Clear", size="sm")
-        with gr.Accordion("System prompt and generation settings", open=False):
-            system = gr.Textbox(label="System prompt (empty: the model's own, shown greyed)",
-                                placeholder=placeholder(first), lines=2, elem_id="system")
-            defaults = GenerationSettings.from_defaults(
-                registry.get(first).generation if first in registry.ids() else None)
-            with gr.Row():
-                max_new = gr.Slider(1, 2048, value=defaults.max_new_tokens, step=1,
-                                    label="Max new tokens")
-                temp = gr.Slider(0, 2, value=defaults.temperature, step=0.05,
-                                 label="Temperature (0 = greedy)")
-            with gr.Row():
-                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
-                rep = gr.Slider(0.8, 2, value=defaults.repetition_penalty, step=0.05,
-                                label="Repetition penalty")
-                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
-        with gr.Accordion("Add a model from the Hugging Face Hub", open=False, visible=pull_ok):
-            with gr.Row():
-                repo = gr.Textbox(label="Repo id", placeholder="owner/name", scale=4)
-                revision = gr.Textbox(label="Revision (optional)", scale=2)
-                pull_btn = gr.Button("Add from Hub", scale=1)
-            pull_status = gr.Markdown()
-
-        settings_in = [system, max_new, temp, top_p, rep, seed]
-        limit = {"concurrency_limit": concurrency, "concurrency_id": "generate"}
-        ev1 = box.submit(respond, [box, chatbot, model] + settings_in, [chatbot, box, status],
-                         api_visibility="private", **limit)
-        ev2 = send.click(respond, [box, chatbot, model] + settings_in, [chatbot, box, status],
-                         api_visibility="private", **limit)
-        stop_btn.click(stop_ui, None, None, cancels=[ev1, ev2], api_visibility="private",
-                       queue=False)
-        clear.click(lambda: ([], ""), None, [chatbot, status], api_visibility="private",
-                    queue=False)
-        model.change(lambda m: gr.update(placeholder=placeholder(m)), model, system,
-                     api_visibility="private", queue=False)
-        c_in = [cbox, chat_a, chat_b, model_a, model_b] + settings_in
-        ev3 = cbox.submit(compare, c_in, [chat_a, chat_b, cbox, cstatus],
-                          api_visibility="private", **limit)
-        ev4 = csend.click(compare, c_in, [chat_a, chat_b, cbox, cstatus],
-                          api_visibility="private", **limit)
-        cstop.click(stop_ui, None, None, cancels=[ev3, ev4], api_visibility="private",
-                    queue=False)
-        cclear.click(lambda: ([], [], ""), None, [chat_a, chat_b, cstatus],
-                     api_visibility="private", queue=False)
-
-        def on_refresh(current, a, b):
-            registry.refresh()
-            # attach new adapters in the background so the first answer from them is quick
-            threading.Thread(target=engine.preload, daemon=True).start()
-            choices, ids = registry.choices(), registry.ids()
-            keep = [v if v in ids else BASE_ID for v in (current, a, b)]
-            qs = registry.examples(limit=8, model_id=keep[0]) or FALLBACK_EXAMPLES
-            note = "; ".join(registry.problems)
-            if note:
-                gr.Warning(f"Some runs were skipped: {note}")
-            return (gr.update(choices=choices, value=keep[0]),
-                    gr.update(choices=choices, value=keep[1]),
-                    gr.update(choices=choices, value=keep[2]),
-                    gr.Dataset(samples=[[q] for q in qs]),
-                    f"{len(ids)} models: " + ", ".join(ids))
-
-        refresh.click(on_refresh, [model, model_a, model_b],
-                      [model, model_a, model_b, ex.dataset, status], api_visibility="private")
-
-        def add_from_hub(repo_id, rev, current, a, b):
-            repo_id, rev = (repo_id or "").strip(), (rev or "").strip() or None
-            if not REPO_ID.match(repo_id):
-                raise gr.Error(f"{repo_id!r} is not a Hub repo id; expected 'owner/name'")
-            pull = importlib.import_module("hub.pull").pull
-            try:
-                run_dir = pull(repo_id, revision=rev, runs_dir=registry.runs_dir)
-            except Exception as e:  # network, missing repo, not a medchat repo: tell the user
-                raise gr.Error(f"Could not add {repo_id}: {type(e).__name__}: {e}") from None
-            registry.refresh()
-            new = [i for i in registry.ids() if i.split(":", 1)[-1] == os.path.basename(run_dir)]
-            choices = registry.choices()
-            value = new[0] if new else current
-            return (gr.update(choices=choices, value=value), gr.update(choices=choices, value=a),
-                    gr.update(choices=choices, value=b),
-                    f"Added {repo_id} as {', '.join(new) or 'nothing new'}.")
-
-        pull_btn.click(add_from_hub, [repo, revision, model, model_a, model_b],
-                       [model, model_a, model_b, pull_status], api_visibility="private")
-
-        gr.api(chat, api_name="chat", **limit)
-        gr.api(models, api_name="models", queue=False)
-        gr.api(stop, api_name="stop", queue=False)
-        gr.api(refresh_api, api_name="refresh")
+            chat = chat_tab(registry, first)
+            compare = compare_tab(registry, first)
+        settings = settings_panel(registry, first, h.placeholder(first))
+        wire_chat(chat, settings, wrap(h.respond_fn()), h, limit)
+        wire_compare(compare, settings, wrap(h.compare_fn()), h, limit)
+        wire_refresh(chat, compare, h)
+        if pull is not None:
+            wire_hub(hub_panel(), chat, compare, h)
+        add_api(h, wrap, limit)
     demo.queue(default_concurrency_limit=concurrency)
     return demo
 

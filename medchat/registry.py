@@ -1,42 +1,41 @@
 """What can be chatted with: the base model, every adapter and every merged model in the runs
-folder, read from their manifests (DESIGN.md, "the one contract: a run folder").
+folder, read from their manifests.
 
 Entry ids are stable strings that the app and the API use as the model name:
 
     base              the base model the engine keeps in memory
-    adapter:<run>     runs/<run>/adapter/  (LoRA, attached to its base by name)
-    merged:<run>      runs/<run>/merged/   (a full model: merged locally or pulled from the Hub)
+    adapter:<run>     the run's adapter (LoRA, attached to its base by name)
+    merged:<run>      the run's merged model (a full model: merged locally or pulled from the Hub)
 
 Only ids listed here can be served: the engine looks every request up in the registry, so a
-crafted request cannot make the server load an arbitrary path. Repos pulled from the Hub
-(`hub.pull`) land in the runs folder and appear here like local runs after `refresh()`.
+crafted request cannot make the server load an arbitrary path. Repos pulled from the Hub land in
+the runs folder and appear here like local runs after `refresh()`.
 
-    python -m medchat.registry [--runs DIR]     # list what the app would offer
+    medchat models [--runs DIR] [--base MODEL]     # list what the app would offer
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from training.base_model import DEFAULT_BASE_MODEL
-from training.manifest import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, Manifest, ManifestError,
-                               list_runs, load_manifest, runs_root)
+from medchat.base_model import DEFAULT_BASE_MODEL, looks_like_repo_id
+from medchat.errors import UserError
+from medchat.run_folder import (DEFAULT_SYSTEM_PROMPT, MODEL_KINDS, BaseModelRef,
+                                GenerationDefaults, Manifest, ManifestError, Metrics, ModelScores,
+                                Run, runs_root)
 
 log = logging.getLogger(__name__)
 
 BASE_ID = "base"
-KINDS = ("base", "adapter", "merged")
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(UserError, KeyError):
     """A request named a model the registry does not list."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -55,9 +54,9 @@ class ModelEntry:
     run_dir: Path | None = None
     chat_template: str | None = None  # None: the tokenizer's own template
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    eos_tokens: tuple[str, ...] = ()
-    generation: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    score: str | None = None  # short eval summary, e.g. "ROUGE-L 0.31 · ppl 9.8"
+    stop_tokens: tuple[str, ...] = ()  # where an answer ends (the manifest's chat.stop_tokens)
+    generation: GenerationDefaults | None = None  # the run's sampling defaults; None: the app's
+    score: str | None = None  # short eval summary, e.g. "ROUGE-L 31.0 · ppl 9.80"
     source: str | None = None  # e.g. the Hub repo a pulled run came from
 
     @property
@@ -78,93 +77,56 @@ def short_name(name: str) -> str:
     return Path(str(name).rstrip("/")).name or str(name)
 
 
-# Metric keys as the evaluation stage may write them, best first: (key, display name).
-_QUALITY_KEYS = [("rougeL", "ROUGE-L"), ("rouge_l", "ROUGE-L"), ("rougeLsum", "ROUGE-L"),
-                 ("bleu", "BLEU"), ("sacrebleu", "BLEU"), ("token_f1", "F1")]
-# training writes test_{loss,ppl}_{base,finetuned} into the manifest; *_base is never used here
-_PPL_KEYS = [("perplexity", "ppl"), ("test_perplexity", "ppl"), ("eval_perplexity", "ppl"),
-             ("test_ppl_finetuned", "ppl"), ("test_ppl", "ppl")]
-_LOSS_KEYS = [("test_loss", "loss"), ("eval_loss", "loss"), ("loss", "loss"),
-              ("test_loss_finetuned", "loss")]
+# -- scores for the dropdown label -----------------------------------------------------------
+
+# The quality score shown, best first (each 0-100 in the manifest): (field, display name).
+QUALITY_SCORES = (("rougeL", "ROUGE-L"), ("bleu", "BLEU"), ("token_f1", "F1"))
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
+    """Three significant-ish digits: 18.2, 7.50, 0.412."""
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
 
 
-def _scopes(metrics: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    """Where this model's numbers may sit: eval.json {"models": {kind: ...}}, the manifest's
-    {"eval": {"models": {kind: ...}}}, a dict keyed by kind, or a flat dict."""
-    roots = [metrics]
-    for path in (("models",), ("eval", "models"), ("eval",)):
-        d: Any = metrics
-        for key in path:
-            d = d.get(key) if isinstance(d, dict) else None
-        if isinstance(d, dict):
-            roots.append(d)
-    # a merged model answers like its adapter, so its adapter's scores stand in when missing
-    names = (kind, "finetuned", "fine_tuned") + (("adapter",) if kind == "merged" else ())
-    scoped = [r[n] for n in names for r in roots if isinstance(r.get(n), dict)]
-    return scoped + roots
-
-
-def summarize_metrics(metrics: dict[str, Any], kind: str) -> str | None:
-    """A short score for the dropdown from eval.json / manifest metrics, or None."""
-    if not isinstance(metrics, dict):
+def score_text(scores: ModelScores | None) -> str | None:
+    """'ROUGE-L 41.2 · ppl 7.50' from one model's scores: its quality score and perplexity,
+    else its test loss; None when nothing was measured."""
+    if scores is None:
         return None
-    scopes = _scopes(metrics, kind)
-
-    def first(keys, fmt=_fmt):
-        for scope in scopes:
-            for key, name in keys:
-                v = scope.get(key)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    return f"{name} {fmt(v)}"
-        return None
-
-    # ROUGE/BLEU/F1 come as 0-1 fractions or 0-100 percentages
-    quality = first(_QUALITY_KEYS, lambda v: f"{v:.1f}" if abs(v) > 1 else f"{v:.3f}")
-    parts = [p for p in (quality, first(_PPL_KEYS)) if p]
-    if not parts and (loss := first(_LOSS_KEYS)):
-        parts.append(loss)
+    quality = next((f"{name} {getattr(scores, key):.1f}" for key, name in QUALITY_SCORES
+                    if getattr(scores, key) is not None), None)
+    ppl = f"ppl {_fmt(scores.perplexity)}" if scores.perplexity is not None else None
+    parts = [p for p in (quality, ppl) if p]
+    if not parts and scores.loss is not None:
+        parts.append(f"loss {_fmt(scores.loss)}")
     return " · ".join(parts) or None
 
 
-def base_score(metrics: dict[str, Any]) -> str | None:
-    """The base model's own score from a run's evaluation (eval.json {"models": {"base": ..}}
-    or the manifest's test_ppl_base), never the fine-tuned one's."""
-    scoped = [d.get("base") for d in (metrics.get("models"), (metrics.get("eval") or {}).get("models"))
-              if isinstance(d, dict)]
-    flat = {"test_perplexity": metrics.get("test_ppl_base"), "test_loss": metrics.get("test_loss_base")}
-    for scope in [d for d in scoped if isinstance(d, dict)] + [flat]:
-        found = summarize_metrics({"base": scope}, "base")
-        if found:
-            return found
-    return None
+def summarize_metrics(metrics: Metrics, kind: str) -> str | None:
+    """The label score of a run's adapter or merged model (a merged model without its own
+    scores shows its adapter's: it answers like it)."""
+    return score_text(metrics.scores(kind))
 
 
-def _eval_metrics(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
-    metrics = dict(manifest.metrics or {})
-    ev = run_dir / "eval.json"
-    if ev.is_file():
-        try:
-            data = json.loads(ev.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                metrics.update(data)
-        except (OSError, json.JSONDecodeError) as e:
-            log.warning("%s: unreadable (%s); showing the model without its score", ev, e)
-    return metrics
+def base_score(metrics: Metrics) -> str | None:
+    """The base model's own score as a run measured it, never the fine-tuned one's."""
+    return score_text(metrics.models.get("base"))
 
 
 def _has_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
+# -- the registry ----------------------------------------------------------------------------
+
 class Registry:
     """The models the app offers, rebuilt from the runs folder on `refresh()`.
 
     `base_name` is what the base entry is called (a Hub id or a folder); `base_path` is the folder
-    it was resolved to (launch.py resolves it with progress before building the registry)."""
+    it was resolved to (the app's start-up resolves it with progress before building the
+    registry)."""
 
     def __init__(self, runs_dir: str | os.PathLike | None = None,
                  base_name: str = DEFAULT_BASE_MODEL, base_path: str | os.PathLike | None = None,
@@ -172,7 +134,8 @@ class Registry:
         self.runs_dir = runs_root(runs_dir)
         self.base_name = str(base_name)
         self.base_path = Path(base_path) if base_path else None
-        self.base_hub_id = base_hub_id or (self.base_name if _is_repo_id(self.base_name) else None)
+        self.base_hub_id = base_hub_id or (self.base_name if looks_like_repo_id(self.base_name)
+                                           else None)
         self.problems: list[str] = []  # runs skipped on the last refresh, and why
         self._lock = threading.Lock()
         self._entries: dict[str, ModelEntry] = {}
@@ -182,23 +145,23 @@ class Registry:
 
     def refresh(self) -> list[ModelEntry]:
         """Rescan the runs folder (picks up runs trained or pulled while the app runs)."""
-        entries: dict[str, ModelEntry] = {}
         base_ref = BaseModelRef(name=self.base_name, hub_id=self.base_hub_id,
                                 local_path=str(self.base_path) if self.base_path else None)
-        entries[BASE_ID] = ModelEntry(id=BASE_ID, kind="base", path=self.base_path, base=base_ref)
+        base = ModelEntry(id=BASE_ID, kind="base", path=self.base_path, base=base_ref)
+        entries: dict[str, ModelEntry] = {}
         problems: list[str] = []
-        for run_dir in list_runs(self.runs_dir):
+        for run in Run.all(self.runs_dir):
             try:
-                for entry in self._entries_for_run(run_dir):
-                    entries[entry.id] = entry
+                manifest = run.manifest()
+                found = self._entries_for_run(run, manifest)
             except ManifestError as e:
-                problems.append(f"{run_dir.name}: skipped: {e}")
+                problems.append(f"{run.name}: skipped: {e}")
                 continue
-            base = entries[BASE_ID]
-            if base.score is None and self.same_base(load_manifest(run_dir).base_model):
-                score = base_score(_eval_metrics(run_dir, load_manifest(run_dir)))
-                if score:  # the base as the run's evaluation measured it
-                    entries[BASE_ID] = dataclasses.replace(base, score=score)
+            entries.update((e.id, e) for e in found)
+            if base.score is None and self.same_base(manifest.base_model):
+                # the base as the run's evaluation measured it
+                base = dataclasses.replace(base, score=base_score(manifest.metrics))
+        entries = {BASE_ID: base, **entries}
         with self._lock:
             self._entries = entries
             self.problems = problems
@@ -206,39 +169,38 @@ class Registry:
             log.warning(p)
         return self.entries()
 
-    def _entries_for_run(self, run_dir: Path) -> list[ModelEntry]:
-        m = load_manifest(run_dir)
-        metrics = _eval_metrics(run_dir, m)
-        common = dict(run=run_dir.name, run_dir=run_dir, base=m.base_model,
-                      chat_template=m.chat_template or None,
-                      system_prompt=m.system_prompt or DEFAULT_SYSTEM_PROMPT,
-                      eos_tokens=tuple(m.eos_tokens or ()), generation=dict(m.generation or {}),
-                      source=(m.source or {}).get("hub_repo"))
+    def _entries_for_run(self, run: Run, m: Manifest) -> list[ModelEntry]:
+        common = dict(run=run.name, run_dir=run.path, base=m.base_model,
+                      chat_template=m.chat.template or None,
+                      system_prompt=m.chat.system_prompt or DEFAULT_SYSTEM_PROMPT,
+                      stop_tokens=tuple(m.chat.stop_tokens), generation=m.chat.generation,
+                      source=m.source.hub_repo)
         out = []
-        adapter, merged = run_dir / "adapter", run_dir / "merged"
-        if adapter.is_dir():
-            if not (adapter / "adapter_config.json").is_file():
-                raise ManifestError(f"{adapter}: no adapter_config.json; re-run training or pull again")
-            if not _has_safetensors(adapter):
+        if run.adapter_dir.is_dir():
+            if not run.has_adapter():
+                raise ManifestError(f"{run.adapter_dir}: no adapter_config.json; re-run training "
+                                    "or pull again")
+            if not _has_safetensors(run.adapter_dir):
                 # .bin adapters are pickles: loading one from a pulled repo could run code
-                raise ManifestError(f"{adapter}: no adapter_model.safetensors (only safetensors "
-                                    "adapters are served); re-save it with safe_serialization")
-            out.append(ModelEntry(id=f"adapter:{run_dir.name}", kind="adapter", path=adapter,
-                                  score=summarize_metrics(metrics, "adapter"), **common))
-        if merged.is_dir():
-            if not ((merged / "config.json").is_file() and _has_safetensors(merged)):
-                raise ManifestError(f"{merged}: needs config.json and *.safetensors; "
+                raise ManifestError(f"{run.adapter_dir}: no adapter_model.safetensors (only "
+                                    "safetensors adapters are served); re-save it with "
+                                    "safe_serialization")
+            out.append(ModelEntry(id=f"adapter:{run.name}", kind="adapter", path=run.adapter_dir,
+                                  score=summarize_metrics(m.metrics, "adapter"), **common))
+        if run.merged_dir.is_dir():
+            if not (run.has_merged() and _has_safetensors(run.merged_dir)):
+                raise ManifestError(f"{run.merged_dir}: needs config.json and *.safetensors; "
                                     "re-run `medchat merge` or pull again")
-            out.append(ModelEntry(id=f"merged:{run_dir.name}", kind="merged", path=merged,
-                                  score=summarize_metrics(metrics, "merged"), **common))
+            out.append(ModelEntry(id=f"merged:{run.name}", kind="merged", path=run.merged_dir,
+                                  score=summarize_metrics(m.metrics, "merged"), **common))
         if not out:
-            raise ManifestError(f"{run_dir}: neither adapter/ nor merged/ (training unfinished?)")
+            raise ManifestError(f"{run.path}: neither adapter/ nor merged/ (training unfinished?)")
         return out
 
     def entries(self) -> list[ModelEntry]:
         with self._lock:
             values = list(self._entries.values())
-        order = {k: i for i, k in enumerate(KINDS)}
+        order = {k: i for i, k in enumerate(MODEL_KINDS)}
         return sorted(values, key=lambda e: (order[e.kind], e.run or ""))
 
     def ids(self) -> list[str]:
@@ -272,10 +234,8 @@ class Registry:
     # -- examples ------------------------------------------------------------------------------
 
     def examples(self, limit: int = 8, model_id: str | None = None) -> list[str]:
-        """Questions from a run's held-out split (data/test.jsonl): the model's run first, else
-        the first run that has one. Empty when no run has a test split."""
-        from training.data import DataError, read_jsonl
-
+        """Questions from a run's held-out test split: the model's run first, else the first
+        run that has one. Empty when no run has a test split."""
         runs = [e.run_dir for e in self.entries() if e.run_dir is not None]
         if model_id is not None:
             try:
@@ -284,44 +244,30 @@ class Registry:
                     runs.insert(0, own)
             except UnknownModelError:
                 pass
-        seen: set[Path] = set()
-        for run_dir in runs:
-            if run_dir in seen:
-                continue
-            seen.add(run_dir)
-            test = run_dir / "data" / "test.jsonl"
-            if not test.is_file():
-                continue
+        for run_dir in dict.fromkeys(runs):
             try:
-                convs = read_jsonl(test)
-            except (DataError, OSError) as e:
-                log.warning("%s: no examples (%s)", test, e)
+                questions = Run(run_dir).split_questions("test")
+            except (ManifestError, OSError) as e:
+                log.warning("%s: no examples (%s)", run_dir, e)
                 continue
-            # the dataset repeats some questions; show each once
-            questions = list(dict.fromkeys(c.question.strip() for c in convs if c.question.strip()))
             if questions:
                 return questions[:limit]
         return []
 
 
-def _is_repo_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+def models_command(*, runs: str | None = None, base: str = DEFAULT_BASE_MODEL) -> int:
+    """List the models the app would offer: the base, and each run's adapter and merged model.
 
+    Prints one line per model (its id, then its label with base model and scores) and, on
+    stderr, the runs that were skipped and why.
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--runs", help="runs folder (default: $MEDCHAT_RUNS or ./runs)")
-    ap.add_argument("--base", default=DEFAULT_BASE_MODEL, help="base model id or folder")
-    args = ap.parse_args(argv)
-    reg = Registry(args.runs, base_name=args.base)
+    Args:
+        runs: runs folder (default: $MEDCHAT_RUNS or ./runs)
+        base: base model: Hub id or folder
+    """
+    reg = Registry(runs, base_name=base)
     for e in reg.entries():
         print(f"{e.id:40s} {e.label}")
     for p in reg.problems:
         print(f"skipped: {p}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

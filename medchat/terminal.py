@@ -10,63 +10,57 @@ Answers stream to stdout; Ctrl-C stops the current answer, Ctrl-D (or /exit) qui
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import Annotated
 
-from medchat.engine import GenerationSettings
+from medchat.base_model import DEFAULT_BASE_MODEL, resolve_base_model
+from medchat.command_line import Opt, call
+from medchat.engine import Engine, EngineError, GenerationSettings, SettingsError
+from medchat.registry import BASE_ID, Registry
 
 COMMANDS = "/reset clears the conversation, /exit quits, Ctrl-C stops an answer"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from training.base_model import DEFAULT_BASE_MODEL
+def chat_command(*, model: str | None = None,
+                 list_models: Annotated[bool, Opt("--list")] = False, runs: str | None = None,
+                 base: str = DEFAULT_BASE_MODEL, system: str | None = None, device: str = "auto",
+                 max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None) -> int:
+    """Chat in the terminal with the base model or a fine-tuned one, answers streaming.
 
-    ap = argparse.ArgumentParser(prog="medchat chat", description=__doc__,
-                                 formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default=None,
-                    help="registered model id (see --list); default: the first fine-tuned one")
-    ap.add_argument("--list", action="store_true", help="list the models and exit")
-    ap.add_argument("--runs", help="runs folder (default: $MEDCHAT_RUNS or ./runs)")
-    ap.add_argument("--base", default=DEFAULT_BASE_MODEL, help="base model id or folder")
-    ap.add_argument("--system", help="system prompt (default: the model's own)")
-    ap.add_argument("--device", default="auto")
-    for f in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed"):
-        kind = int if f in ("max_new_tokens", "seed") else float
-        ap.add_argument("--" + f.replace("_", "-"), type=kind, default=None,
-                        help=f"default: the run's manifest, else {getattr(GenerationSettings, f)}")
-    return ap.parse_args(argv)
+    Reads one message per line (from the keyboard, or piped in); /reset clears the
+    conversation, /exit or Ctrl-D quits, Ctrl-C stops the current answer. Settings not given
+    come from the run's manifest.
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from medchat.engine import Engine, EngineError, SettingsError
-    from medchat.registry import BASE_ID, Registry, UnknownModelError
-    from training.base_model import BaseModelError, resolve_base_model
-
-    try:
-        resolved = resolve_base_model(args.base, progress=True)
-    except BaseModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    registry = Registry(args.runs, base_name=args.base, base_path=resolved.path,
+    Args:
+        model: registered model id, as --list shows (default: the first fine-tuned one)
+        list_models: list the models and exit
+        runs: runs folder (default: $MEDCHAT_RUNS or ./runs)
+        base: base model: Hub id or folder
+        system: system prompt (default: the model's own)
+        device: cpu, cuda, cuda:1 ... (auto: cuda when available)
+        max_new_tokens: longest answer in tokens (default: the run's manifest, else 256)
+        temperature: 0 = greedy (default: the run's manifest, else 0.7)
+        top_p: nucleus sampling mass (default: the run's manifest, else 0.9)
+        repetition_penalty: >1 discourages repeats (default: the run's manifest, else 1.1)
+        seed: sampling seed (default: a fresh one per answer)
+    """
+    resolved = resolve_base_model(base, progress=True)
+    registry = Registry(runs, base_name=base, base_path=resolved.path,
                         base_hub_id=resolved.hub_id)
     for p in registry.problems:
         print(f"warning: {p}", file=sys.stderr)
-    if args.list:
+    if list_models:
         for e in registry.entries():
             print(f"{e.id:40s} {e.label}")
         return 0
-    ids = registry.ids()
-    model = args.model or next((i for i in ids if i != BASE_ID), BASE_ID)
-    try:
-        entry = registry.get(model)
-        settings = GenerationSettings.from_defaults(
-            entry.generation, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    except (UnknownModelError, SettingsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    engine = Engine(registry, device=args.device)
+    model = model or next((i for i in registry.ids() if i != BASE_ID), BASE_ID)
+    entry = registry.get(model)  # an unknown id is refused here, before loading anything
+    settings = GenerationSettings.from_defaults(
+        entry.generation, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed)
+    engine = Engine(registry, device=device)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"medchat: chatting with {entry.label}\n{COMMANDS}", file=sys.stderr)
@@ -88,28 +82,40 @@ def main(argv: list[str] | None = None) -> int:
             history.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
-        try:
-            stream = engine.stream(model, message, history, args.system, settings)
-        except (EngineError, SettingsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        for notice in stream.notices:
-            print(f"({notice})", file=sys.stderr)
-        try:
-            for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            stream.cancel()
-            stream.result()  # drain what was already generated
-            print("\n(stopped)", file=sys.stderr)
-        except EngineError as e:
-            print(f"\nerror: {e}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history += [{"role": "user", "content": message},
-                    {"role": "assistant", "content": stream.text}]
+        answer = _answer(engine, model, message, history, system, settings)
+        if answer is not None:
+            history += [{"role": "user", "content": message},
+                        {"role": "assistant", "content": answer}]
+
+
+def _answer(engine: Engine, model: str, message: str, history: list[dict[str, str]],
+            system: str | None, settings: GenerationSettings) -> str | None:
+    """Stream one answer to stdout; its text, or None when it failed (reported on stderr)."""
+    try:
+        stream = engine.stream(model, message, history, system, settings)
+    except (EngineError, SettingsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    for notice in stream.notices:
+        print(f"({notice})", file=sys.stderr)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.cancel()
+        stream.result()  # drain what was already generated
+        print("\n(stopped)", file=sys.stderr)
+    except EngineError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return None
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return stream.text
+
+
+def main(argv: list[str] | None = None) -> int:
+    return call(chat_command, argv, "medchat chat")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The launched app, driven through gradio_client on a free loopback port."""
 
 import functools
-import importlib.machinery
 import json
 import os
 import shutil
@@ -15,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from chat_runs import QUESTIONS, build_runs, make_adapter, reference_answer
+import launch
+import medchat.app
+import medchat.server
+from medchat.app import Handlers, build_app, serve
+from medchat.engine import Engine
+from medchat.errors import UserError
+from medchat.registry import Registry
+from medchat.server import SpaceConfig, SpaceConfigError, load_space_config
+from tests.support.chat_runs import QUESTIONS, build_runs, make_adapter, reference_answer
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +39,6 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(tiny_model_dir, tmp_path_factory):
-    from medchat.app import build_app, serve
-    from medchat.engine import Engine
-    from medchat.registry import Registry
-
     shared = build_runs(tmp_path_factory.mktemp("app-src"), tiny_model_dir)
     runs = tmp_path_factory.mktemp("app") / "runs"
     shutil.copytree(shared["runs"], runs)
@@ -43,7 +46,7 @@ def app(tiny_model_dir, tmp_path_factory):
     eng = Engine(reg, device="cpu")
     eng.load_base()
     assert eng.preload() == []
-    demo = build_app(eng, reg, allow_pull=False)
+    demo = build_app(eng, reg)
     port = free_port()
     serve(demo, port=port, prevent_thread_lock=True, quiet=True)
     yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/", engine=eng, registry=reg,
@@ -153,7 +156,8 @@ def test_models_and_refresh_endpoints(app):
     try:
         ids = [m["id"] for m in c.predict(api_name="/refresh")]
         assert "adapter:late" in ids
-        assert ask(c, "adapter:late") == reference_answer(app.base, Q, app.runs / "late" / "adapter", 24)
+        want = reference_answer(app.base, Q, app.runs / "late" / "adapter", 24)
+        assert ask(c, "adapter:late") == want
     finally:
         shutil.rmtree(app.runs / "late")
         c.predict(api_name="/refresh")
@@ -196,7 +200,8 @@ def test_python_launch_py_serves_the_app(app, tmp_path):
         assert f"127.0.0.1:{port}" in log, log
         assert "preparing base model" in log and "model(s) ready" in log
         c = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        assert ask(c, "adapter:r1") == reference_answer(app.base, Q, app.runs / "r1" / "adapter", 24)
+        want = reference_answer(app.base, Q, app.runs / "r1" / "adapter", 24)
+        assert ask(c, "adapter:r1") == want
     finally:
         proc.terminate()
         proc.wait(20)
@@ -204,9 +209,6 @@ def test_python_launch_py_serves_the_app(app, tmp_path):
 
 def test_space_mode_pulls_configured_models_and_binds_as_spaces_expect(app, tmp_path, monkeypatch):
     """SPACE_ID set: 0.0.0.0:$PORT, space_config.json models pulled, spaces.GPU wraps generation."""
-    import launch
-    import medchat.app
-
     runs = tmp_path / "runs"
     cfg = tmp_path / "space_config.json"
     cfg.write_text(json.dumps({"base_model": str(app.base), "models": ["owner/medqa"]}))
@@ -218,9 +220,6 @@ def test_space_mode_pulls_configured_models_and_binds_as_spaces_expect(app, tmp_
         pulled.append((repo_id, revision, Path(runs_dir)))
         return target
 
-    pull_mod = types.ModuleType("hub.pull")
-    pull_mod.pull = fake_pull
-    pull_mod.__spec__ = importlib.machinery.ModuleSpec("hub.pull", None)
     spaces_mod = types.ModuleType("spaces")
 
     def GPU(fn):  # noqa: N802 - like spaces.GPU: functools.wraps around a generator
@@ -231,7 +230,7 @@ def test_space_mode_pulls_configured_models_and_binds_as_spaces_expect(app, tmp_
         return wrapped
 
     spaces_mod.GPU = GPU
-    monkeypatch.setitem(sys.modules, "hub.pull", pull_mod)
+    monkeypatch.setattr(medchat.server, "pull", fake_pull)
     monkeypatch.setitem(sys.modules, "spaces", spaces_mod)
     port = free_port()
     monkeypatch.setenv("SPACE_ID", "owner/medchat-space")
@@ -262,27 +261,60 @@ def test_space_mode_pulls_configured_models_and_binds_as_spaces_expect(app, tmp_
 
 
 def test_space_config_errors_name_the_file_and_field(tmp_path):
-    import launch
-
     bad = tmp_path / "space_config.json"
     bad.write_text('{"models": "owner/repo"}')
-    with pytest.raises(launch.ConfigError, match="space_config.json: field models"):
-        launch.load_space_config(bad)
+    with pytest.raises(SpaceConfigError, match="space_config.json: field models"):
+        load_space_config(bad)
     bad.write_text("{oops")
-    with pytest.raises(launch.ConfigError, match="line 1: invalid JSON"):
-        launch.load_space_config(bad)
+    with pytest.raises(SpaceConfigError, match="line 1: invalid JSON"):
+        load_space_config(bad)
     ok = tmp_path / "ok.json"
     ok.write_text('{"base_model": "o/b", "models": ["o/a"]}')
-    assert launch.load_space_config(ok) == launch.SpaceConfig("o/b", ["o/a"])
+    assert load_space_config(ok) == SpaceConfig("o/b", ["o/a"])
+    assert issubclass(SpaceConfigError, UserError)
+
+
+def test_hub_panel_uses_the_pull_it_is_handed(app, tmp_path):
+    """No pull: no "Add from Hub" panel. A pull: the panel calls it and selects what it added."""
+    import gradio as gr
+
+    def buttons(demo):
+        return {b.value for b in demo.blocks.values() if isinstance(b, gr.Button)}
+
+    pulled = []
+
+    def fake_pull(repo_id, revision=None, runs_dir=None):
+        target = Path(runs_dir) / repo_id.replace("/", "--")
+        shutil.copytree(app.runs / "r1", target, ignore=shutil.ignore_patterns("merged"))
+        pulled.append((repo_id, revision, Path(runs_dir)))
+        return target
+
+    assert "Add from Hub" not in buttons(build_app(app.engine, app.registry))
+    assert "Add from Hub" in buttons(build_app(app.engine, app.registry, pull=fake_pull))
+    h = Handlers(app.engine, app.registry, pull=fake_pull)
+    with pytest.raises(gr.Error, match="not a Hub repo id"):
+        h.add_from_hub("../etc", "", "base", "base", "base")
+    assert pulled == []
+    try:
+        model, a, b, note = h.add_from_hub(" owner/extra ", " v1 ", "base", "base", "base")
+        assert pulled == [("owner/extra", "v1", app.registry.runs_dir)]
+        assert model["value"] == "adapter:owner--extra" and a["value"] == "base"
+        assert "adapter:owner--extra" in app.registry.ids()
+        assert note == "Added owner/extra as adapter:owner--extra."
+    finally:
+        shutil.rmtree(app.runs / "owner--extra", ignore_errors=True)
+        app.registry.refresh()
 
 
 def test_app_modules_import_without_training_packages():
     """The app (and a Space) must not need bitsandbytes/deepspeed or the training entry points:
     importing its modules pulls in none of them (torch/transformers/peft load on first use)."""
-    code = ("import sys, launch, medchat.app, medchat.engine, medchat.registry, medchat.terminal; "
+    code = ("import sys, launch, medchat.app, medchat.engine, medchat.registry, medchat.terminal, "
+            "medchat.server, medchat.lora_routing, medchat.model_cache; "
             "print(sorted(m for m in ('deepspeed', 'bitsandbytes', 'training.run', "
-            "'training.merge', 'torch') if m in sys.modules))")
+            "'training.merge', 'torch') if m in sys.modules), "
+            "sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[] []"

@@ -2,7 +2,8 @@
 
 import pytest
 
-from training.base_model import (DEFAULT_BASE_MODEL, BaseModelError, resolve_base_model)
+from medchat.base_model import (DEFAULT_BASE_MODEL, BaseModelError, looks_like_repo_id,
+                                resolve_base_model)
 
 
 def test_local_folder_is_used_as_is(tiny_model_dir):
@@ -41,3 +42,14 @@ def test_default_model_offline_fallback(tmp_path, monkeypatch):
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "aspirin" in tok.decode(out[0, ids["input_ids"].shape[1]:]).lower()
     assert resolve_base_model(DEFAULT_BASE_MODEL).path == r.path  # second call: instant, cached
+
+
+def test_repo_id_check_is_strict(tmp_path, monkeypatch):
+    assert looks_like_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert looks_like_repo_id("a/b.c-d_e")
+    for bad in (None, "", "name", "a/b/c", "/abs/path", "./rel/x", "~/x", "../x", "a/", "/b",
+                "-a/b", "a b/c", "a/b\nc"):
+        assert not looks_like_repo_id(bad), bad
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "model").mkdir(parents=True)
+    assert not looks_like_repo_id("owner/model")  # an existing folder is a folder, not a repo

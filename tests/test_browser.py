@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from chat_runs import QUESTIONS, make_adapter
+from medchat.app import build_app, serve
+from medchat.engine import Engine
+from medchat.registry import Registry
+from tests.support.chat_runs import QUESTIONS, make_adapter
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -25,10 +28,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
-    from medchat.app import build_app, serve
-    from medchat.engine import Engine
-    from medchat.registry import Registry
-
     runs = tmp_path_factory.mktemp("browser") / "runs"
     long_greedy = {"max_new_tokens": 200, "temperature": 0.0, "top_p": 1.0,
                    "repetition_penalty": 1.0}
@@ -38,7 +37,7 @@ def served(tiny_model_dir, tmp_path_factory):
     eng = Engine(reg, device="cpu")
     eng.load_base()
     eng.preload()
-    demo = build_app(eng, reg, allow_pull=False, default_model="adapter:r0")
+    demo = build_app(eng, reg, default_model="adapter:r0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -144,6 +143,7 @@ def test_compare_tab_streams_two_models_side_by_side(served):
             assert any(x.strip() and y.strip() and x != ta and y != tb for x, y in snapshots), \
                 "the two answers did not stream at the same time"
             if os.environ.get("MEDCHAT_SCREENSHOT"):
-                page.screenshot(path=os.environ["MEDCHAT_SCREENSHOT"].replace(".png", "-compare.png"))
+                shot = os.environ["MEDCHAT_SCREENSHOT"].replace(".png", "-compare.png")
+                page.screenshot(path=shot)
         finally:
             browser.close()

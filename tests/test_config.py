@@ -3,9 +3,10 @@
 import pytest
 import yaml
 
-from training.config import (ConfigError, build_config, config_from_dict, copy_preset, describe,
-                             list_presets)
-from training.run import main as run_main
+from medchat.command_line import call
+from training.config import (ConfigError, build_config, config_from_dict, copy_preset,
+                             copy_preset_command, describe, fields_command, list_presets,
+                             list_presets_command, show_config_command)
 
 
 def test_presets_listed_and_valid():
@@ -63,17 +64,26 @@ def test_copy_preset_then_run_it(tmp_path, capsys):
     assert "# " in dest.read_text()  # trade-off comments travel with the copy
     with pytest.raises(ConfigError, match="already exists"):
         copy_preset("cpu-smollm2", dest)
-    assert run_main(["show-config", "--preset", str(dest), "--set", "lora.r=8"]) == 0
+    argv = ["--preset", str(dest), "--set", "lora.r=8"]
+    assert call(show_config_command, argv, "show-config") == 0
     assert yaml.safe_load(capsys.readouterr().out)["lora"]["r"] == 8
-    assert run_main(["list-presets"]) == 0
+    assert call(list_presets_command, [], "list-presets") == 0
     assert "qwen2.5-7b-qlora" in capsys.readouterr().out
+    # the command refuses to clobber too, as an error the command line prints
+    assert call(copy_preset_command, ["cpu-smollm2", str(dest)], "copy-preset") == 2
+    assert "already exists" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    assert call(copy_preset_command, ["qwen2.5-7b-qlora", str(other)], "copy-preset") == 0
+    assert f"run it with --preset {other}" in capsys.readouterr().out and other.is_file()
 
 
 def test_cli_reports_bad_setting(capsys):
-    assert run_main(["show-config", "--set", "lora.r=-1"]) == 2
+    assert call(show_config_command, ["--set", "lora.r=-1"], "show-config") == 2
     assert "lora.r" in capsys.readouterr().err
 
 
-def test_every_field_has_help():
+def test_every_field_has_help(capsys):
     lines = describe()
     assert len(lines) > 30 and all("#" in line and not line.endswith("# ") for line in lines)
+    assert call(fields_command, [], "fields") == 0
+    assert capsys.readouterr().out.splitlines() == lines

@@ -6,8 +6,10 @@ import json
 import openpyxl
 import pytest
 
-from training.data import (DataError, collect, load_conversations, main as data_main,
-                           normalize_question, split_conversations, write_jsonl)
+from medchat.command_line import call
+from training.data import (DataError, check_dataset_command, collect, convert_dataset_command,
+                           load_conversations, normalize_question, split_conversations,
+                           split_dataset_command, write_jsonl)
 
 
 def _xlsx(path, rows, sheet="DrugQA", header=("Question", "Focus (Drug)", "Question Type",
@@ -144,7 +146,7 @@ def test_check_lists_every_problem(tmp_path, capsys):
     path = _xlsx(tmp_path / "a.xlsx", [GOOD, ("",) + GOOD[1:], GOOD[:3] + (3.5,) + GOOD[4:]])
     convs, problems = collect(path)
     assert len(convs) == 1 and len(problems) == 2
-    assert data_main(["check", str(path)]) == 1
+    assert call(check_dataset_command, [str(path)], "check-dataset") == 1
     out = capsys.readouterr().out
     assert "row 3" in out and "row 4" in out and "1 usable" in out
 
@@ -153,8 +155,22 @@ def test_failed_convert_leaves_no_output(tmp_path):
     bad = tmp_path / "a.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
     out = tmp_path / "out.jsonl"
-    assert data_main(["convert", str(bad), "-o", str(out)]) == 2
+    assert call(convert_dataset_command, [str(bad), "-o", str(out)], "convert-dataset") == 2
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_convert_and_split_commands(tmp_path, capsys):
+    x = _xlsx(tmp_path / "a.xlsx", [GOOD] + [(f"question {i}",) + GOOD[1:] for i in range(9)])
+    out = tmp_path / "all.jsonl"
+    assert call(convert_dataset_command, [str(x), "--output", str(out)], "convert-dataset") == 0
+    assert f"wrote 10 conversations to {out}" in capsys.readouterr().out
+    assert len(load_conversations(out)) == 10
+    parts = tmp_path / "parts"
+    assert call(split_dataset_command, [str(out), "-o", str(parts), "--test-size", "0.2",
+                                        "--seed", "3"], "split-dataset") == 0
+    sizes = json.loads(capsys.readouterr().out)
+    assert sizes == {"train": 8, "test": 2, "val": 0}
+    assert len(load_conversations(parts / "test.jsonl")) == 2 and not (parts / "val.jsonl").exists()
 
 
 def test_csv_through_datasets_with_column_mapping(tmp_path):

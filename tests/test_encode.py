@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from medchat.chat_format import Conversation, prompt_ids
 from training.encode import (IGNORE, PackedCollator, check_prompt_alignment, encode_all,
-                             encode_conversation, pack, padding_share, prompt_ids, render_marked)
-from training.data import Conversation
+                             encode_conversation, pack, padding_share, render_marked)
 
 MULTI = [
     {"role": "system", "content": "Be brief."},

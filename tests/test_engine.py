@@ -1,15 +1,20 @@
 """Engine: per-request routing equals plain transformers/peft, concurrency isolation, seeded
 sampling, cancellation, stop tokens, history trimming, merged models and other bases."""
 
+import dataclasses
+import io
 import shutil
 import threading
 import time
 
 import pytest
 
-from chat_runs import QUESTIONS, build_runs, make_adapter, reference_answer
+from medchat import terminal
 from medchat.engine import Engine, EngineError, GenerationSettings, SettingsError
 from medchat.registry import Registry, UnknownModelError
+from medchat.run_folder import Run
+from tests.support.chat_runs import QUESTIONS, build_runs, make_adapter, reference_answer
+from tests.support.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.timeout(180)
 GREEDY = dict(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
@@ -72,11 +77,12 @@ def test_concurrent_requests_on_different_models_are_isolated(engine):
 
 
 def test_seed_makes_sampling_reproducible(engine):
-    s = lambda seed: GenerationSettings(max_new_tokens=30, temperature=1.0, top_p=1.0, seed=seed)  # noqa: E731
+    def s(seed=None):
+        return GenerationSettings(max_new_tokens=30, temperature=1.0, top_p=1.0, seed=seed)
+
     a, b, c = (engine.chat("adapter:r1", QUESTIONS[2], settings=s(x)) for x in (7, 7, 8))
     assert a == b and a != c
-    stream = engine.stream("adapter:r1", QUESTIONS[2],
-                           settings=GenerationSettings(max_new_tokens=30, temperature=1.0, top_p=1.0))
+    stream = engine.stream("adapter:r1", QUESTIONS[2], settings=s())
     stream.result()
     assert isinstance(stream.seed, int)  # a random seed is chosen and reported back
     assert engine.chat("adapter:r1", QUESTIONS[2], settings=s(stream.seed)) == stream.text
@@ -117,9 +123,9 @@ def test_stop_tokens_come_from_the_manifest(engine, runs, tiny_model_dir, tmp_pa
     stop = tok.convert_ids_to_tokens(ids[6])
     root = tmp_path / "runs"
     shutil.copytree(runs["runs"] / "r0", root / "stopper", ignore=shutil.ignore_patterns("merged"))
-    from training.manifest import update_manifest
-
-    update_manifest(root / "stopper", eos_tokens=["<|im_end|>", stop])
+    stopper = Run(root / "stopper")
+    chat = stopper.manifest().chat
+    stopper.update_manifest(chat=dataclasses.replace(chat, stop_tokens=["<|im_end|>", stop]))
     reg = Registry(root, base_name=str(tiny_model_dir), base_path=tiny_model_dir)
     eng = Engine(reg, device="cpu")
     s = eng.stream("adapter:stopper", QUESTIONS[0], settings=greedy(max_new_tokens=30))
@@ -169,8 +175,6 @@ def test_bad_requests_are_refused_clearly(engine):
 
 
 def test_adapter_on_another_base_loads_that_base_into_the_cache(runs, tiny_model_dir, tmp_path):
-    from tiny_model import build_tiny_model
-
     other = build_tiny_model(tmp_path / "other-base", seed=1)
     root = tmp_path / "runs"
     shutil.copytree(runs["runs"], root)
@@ -228,10 +232,6 @@ def test_retrained_adapter_is_reloaded_and_dora_is_refused(runs, tiny_model_dir,
 
 
 def test_terminal_chat_streams_answers_and_resets(runs, tiny_model_dir, monkeypatch, capsys):
-    import io
-
-    from medchat import terminal
-
     args = ["--runs", str(runs["runs"]), "--base", str(tiny_model_dir), "--device", "cpu",
             "--model", "adapter:r0", "--temperature", "0", "--max-new-tokens", "24",
             "--repetition-penalty", "1.0"]
@@ -243,7 +243,8 @@ def test_terminal_chat_streams_answers_and_resets(runs, tiny_model_dir, monkeypa
     assert out.startswith(first + "\n") and out.endswith("\n" + first + "\n")
     second = out[len(first) + 1:-len(first) - 1]
     assert second.endswith("\n") and second[:-1] != first  # asked again with history: differs
-    assert terminal.main(["--runs", str(runs["runs"]), "--base", str(tiny_model_dir), "--list"]) == 0
+    listing = ["--runs", str(runs["runs"]), "--base", str(tiny_model_dir), "--list"]
+    assert terminal.main(listing) == 0
     listed = capsys.readouterr().out
     assert "adapter:r1" in listed and "merged:r0" in listed
     assert terminal.main(["--runs", str(runs["runs"]), "--base", str(tiny_model_dir),

@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_merge import make_adapter, make_run  # noqa: E402
-from training.evaluate import (EvalOptions, evaluate_run, generate_answers, main as eval_main,  # noqa: E402
-                               score_answers, token_f1)
-from training.manifest import load_manifest  # noqa: E402
+from medchat.command_line import call  # noqa: E402
+from tests.support.merge_runs import make_adapter, make_run  # noqa: E402
+from training.evaluate import (EvalOptions, evaluate_command, evaluate_run,  # noqa: E402
+                               generate_answers, score_answers, token_f1)
 from training.merge import merge  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,11 +43,15 @@ def run(tiny_model_dir, tmp_path):
     return make_run(tiny_model_dir, tmp_path / "runs" / "r1")
 
 
+def eval_main(argv: list[str]) -> int:
+    return call(evaluate_command, argv, "medchat evaluate")
+
+
 def test_evaluate_writes_results_and_scores_follow_the_model(tiny_model_dir, run):
-    merge(tiny_model_dir, run / "adapter", run / "merged", progress=False)
+    merge(tiny_model_dir, run.adapter_dir, run.merged_dir, progress=False)
     r1 = evaluate_run(run, EvalOptions(limit=3, **QUICK))
     assert set(r1["models"]) == {"base", "adapter", "merged"} and r1["questions"] == 3
-    data = json.loads((run / "eval.json").read_text())
+    data = json.loads(run.eval_path.read_text())
     assert data["models"] == r1["models"] and len(data["items"]) == 3
     item = data["items"][0]
     assert item["question"] == "What is aspirin used for?"
@@ -56,16 +60,25 @@ def test_evaluate_writes_results_and_scores_follow_the_model(tiny_model_dir, run
     assert base["loss"] != pytest.approx(adapter["loss"], rel=1e-3)  # the adapter changes the model
     assert merged["loss"] == pytest.approx(adapter["loss"], rel=1e-4)  # merged == base + adapter
     assert [i["answers"]["merged"] for i in data["items"]] == [i["answers"]["adapter"] for i in data["items"]]
-    md = (run / "eval.md").read_text()
+    md = run.eval_report_path.read_text()
     assert "| test loss |" in md and "change (adapter - base)" in md and "| ROUGE-L F1 |" in md
-    m = load_manifest(run)
-    assert m.metrics["eval"]["models"]["adapter"]["loss"] == adapter["loss"]
+    m = run.manifest()
+    assert m.metrics.models["adapter"].loss == adapter["loss"]
+    assert m.metrics.evaluation == {"questions": 3, "max_new_tokens": 6, "generation": "greedy"}
+    # the training config gives the test loss its row length, and eval.json says so
+    assert data["test_loss_max_length"] == 1024
+    assert data["test_loss_max_length_source"] == "training config (data.max_length)"
+    # no local path in what may be published: the base by folder name, the run's own parts
+    for text in data["sources"].values():
+        assert str(tiny_model_dir) not in text and str(run.path) not in text
+    assert data["sources"]["base"] == f"{tiny_model_dir.name} (unquantised)"
+    assert data["test_file"] == "data/test.jsonl"
 
     # another adapter -> other numbers; the base's are unchanged (the evaluation is deterministic)
-    shutil.rmtree(run / "merged")
-    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run.merged_dir)
+    shutil.rmtree(run.adapter_dir)
     # (LoRA on the head too: the tiny random model's logits barely move otherwise)
-    make_adapter(tiny_model_dir, run / "adapter", seed=7, noise=0.1,
+    make_adapter(tiny_model_dir, run.adapter_dir, seed=7, noise=0.1,
                  target_modules=["q_proj", "v_proj", "lm_head"])
     r2 = evaluate_run(run, EvalOptions(limit=3, **QUICK))
     assert set(r2["models"]) == {"base", "adapter"}
@@ -91,14 +104,34 @@ def test_left_padded_batches_give_the_same_answers(tiny_model_dir):
 
 
 def test_cli(run, capsys):
-    assert eval_main([str(run), "--limit", "2", "--models", "base", "--max-new-tokens", "4", "--quiet"]) == 0
+    assert eval_main([str(run.path), "--limit", "2", "--models", "base", "--max-new-tokens", "4",
+                      "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "| test loss |" in out and "2 held-out questions" in out
-    assert eval_main([str(run), "--models", "merged", "--quiet"]) == 2
+    assert eval_main([str(run.path), "--models", "merged", "--quiet"]) == 2
     assert "medchat merge" in capsys.readouterr().err
-    (run / "data" / "test.jsonl").unlink()
-    assert eval_main([str(run), "--quiet"]) == 2
+    run.split_path("test").unlink()
+    assert eval_main([str(run.path), "--quiet"]) == 2
     assert "held-out split" in capsys.readouterr().err
+
+
+def test_manifest_without_max_length_says_so_and_records_it(tiny_model_dir, tmp_path, capsys):
+    """A manifest without training's max_length (a pulled repo): 1024 with a note on stderr and
+    the choice in eval.json; --max-length is taken as given and recorded as such."""
+    run = make_run(tiny_model_dir, tmp_path / "runs" / "pulled", n_test=2, max_length=None)
+    assert run.manifest().training.max_length is None
+    quick = ["--models", "base", "--max-new-tokens", "2", "--quiet"]
+    assert eval_main([str(run.path)] + quick) == 0
+    err = capsys.readouterr().err
+    assert "records no training max_length" in err and "1024" in err and "--max-length" in err
+    data = json.loads(run.eval_path.read_text())
+    assert data["test_loss_max_length"] == 1024
+    assert data["test_loss_max_length_source"].startswith("default 1024")
+    assert eval_main([str(run.path), "--max-length", "64"] + quick) == 0
+    assert "max_length" not in capsys.readouterr().err
+    data = json.loads(run.eval_path.read_text())
+    assert data["test_loss_max_length"] == 64
+    assert data["test_loss_max_length_source"] == "--max-length"
 
 
 def test_packed_test_loss_equals_per_sample_loss(tiny_model_dir, run):
@@ -107,12 +140,12 @@ def test_packed_test_loss_equals_per_sample_loss(tiny_model_dir, run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.data import read_jsonl
     from training.evaluate import test_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
-    convs = read_jsonl(run / "data" / "test.jsonl")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, run.adapter_dir)
+    convs = run.test_split()
     packed = test_loss(model, tok, convs, max_length=1024, progress=False)
     alone = [test_loss(model, tok, [c], max_length=1024, progress=False) for c in convs]
     assert packed["tokens"] == sum(a["tokens"] for a in alone) and packed["samples"] == len(convs)

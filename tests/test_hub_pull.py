@@ -7,16 +7,24 @@ import json
 from pathlib import Path
 
 import pytest
-from chat_runs import QUESTIONS, reference_answer
-from fake_hub import DEFAULT_USER, make_adapter_run
 
-from hub.pull import main as pull_main
-from hub.pull import pull
-from hub.push import HubError, push
+from hub.client import HubError
+from hub.pull import pull, pull_command
+from hub.push import push
+from medchat.chat_format import ensure_chat_template, render, stop_token_ids
+from medchat.command_line import call
+from medchat.run_folder import SCHEMA_VERSION, Run, SourceRecord
+from tests.support.chat_runs import QUESTIONS, reference_answer
+from tests.support.fake_hub import DEFAULT_USER, make_adapter_run
 
 pytestmark = pytest.mark.timeout(180)
 BASE_REPO = f"{DEFAULT_USER}/tiny-base"
 ADAPTER_REPO = f"{DEFAULT_USER}/tiny-adapter"
+V1_MANIFEST = Path(__file__).parent / "fixtures" / "v1-run" / "medchat.json"
+
+
+def pull_main(argv: list[str]) -> int:
+    return call(pull_command, argv, "medchat pull")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,6 @@ def test_pull_adapter_lands_in_runs_and_chats_like_the_original(
         fake_hub, adapter_run, tiny_model_dir, tmp_path):
     from medchat.engine import Engine, GenerationSettings
     from medchat.registry import Registry
-    from training.manifest import load_manifest
 
     upload_base(tiny_model_dir)
     push(adapter_run, ADAPTER_REPO)
@@ -53,33 +60,36 @@ def test_pull_adapter_lands_in_runs_and_chats_like_the_original(
     for name, data in on_hub.items():
         if name == ".gitattributes":
             continue
-        local = run / name if name in ("README.md", "eval.json") else run / "adapter" / name
+        local = run / name if name in ("README.md", "eval.json") else \
+            Run(run).adapter_dir / name
         if name == "medchat.json":
             continue  # rewritten for this copy: checked below
         assert local.read_bytes() == data, name
-    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (adapter_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (Run(run).adapter_dir / "adapter_model.safetensors").read_bytes() == \
+        (Run(adapter_run).adapter_dir / "adapter_model.safetensors").read_bytes()
 
-    m = load_manifest(run)
+    m = Run(run).manifest()
     assert m.kind == "adapter" and m.name == "test-user--tiny-adapter"
     assert m.base_model.name == BASE_REPO and m.base_model.hub_id == BASE_REPO
-    assert m.source == {"hub_repo": ADAPTER_REPO, "revision": "main",
-                        "commit": fake_hub.head(ADAPTER_REPO)}
-    assert m.chat_template == load_manifest(adapter_run).chat_template
-    base_m = load_manifest(base_run)
+    assert m.base_model.local_path is None
+    assert m.source == SourceRecord(hub_repo=ADAPTER_REPO, revision="main",
+                                    commit=fake_hub.head(ADAPTER_REPO))
+    assert m.chat == Run(adapter_run).manifest().chat  # template, stop tokens, generation
+    assert m.metrics == Run(adapter_run).manifest().metrics
+    base_m = Run(base_run).manifest()
     assert base_m.kind == "merged" and base_m.base_model.hub_id == BASE_REPO
-    assert "im_start" in base_m.chat_template and base_m.eos_tokens == ["<|im_end|>"]
+    assert "im_start" in base_m.chat.template and base_m.chat.stop_tokens == ["<|im_end|>"]
 
     # the app's registry lists both, and the engine answers like plain transformers + peft
     # on the original files
-    registry = Registry(runs, base_name=BASE_REPO, base_path=base_run / "merged")
+    registry = Registry(runs, base_name=BASE_REPO, base_path=Run(base_run).merged_dir)
     assert {"adapter:test-user--tiny-adapter", "merged:test-user--tiny-base"} <= set(registry.ids())
     assert registry.same_base(registry.get("adapter:test-user--tiny-adapter").base)
     engine = Engine(registry, device="cpu")
     engine.load_base()
     greedy = GenerationSettings(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0)
     got = engine.chat("adapter:test-user--tiny-adapter", QUESTIONS[0], settings=greedy)
-    want = reference_answer(tiny_model_dir, QUESTIONS[0], adapter_run / "adapter", 16)
+    want = reference_answer(tiny_model_dir, QUESTIONS[0], Run(adapter_run).adapter_dir, 16)
     assert got == want and got != reference_answer(tiny_model_dir, QUESTIONS[0], None, 16)
 
 
@@ -97,7 +107,7 @@ def test_pull_same_commit_downloads_nothing_and_new_commit_updates(fake_hub, ada
     HfApi().upload_file(path_or_fileobj=b"extra\n", path_in_repo="notes.txt",
                         repo_id=ADAPTER_REPO, commit_message="add notes")
     pull(ADAPTER_REPO, runs_dir=runs)
-    assert (run / "adapter" / "notes.txt").read_bytes() == b"extra\n"
+    assert (Run(run).adapter_dir / "notes.txt").read_bytes() == b"extra\n"
     assert json.loads((run / "medchat.json").read_text())["source"]["commit"] == \
         fake_hub.head(ADAPTER_REPO)
 
@@ -106,24 +116,23 @@ def test_plain_peft_repo_without_manifest(fake_hub, adapter_run, tmp_path):
     """A repo pushed by something else (no medchat.json): the manifest comes from its files."""
     from huggingface_hub import HfApi
 
-    from training.manifest import load_manifest
-
     api = HfApi()
     api.create_repo(f"{DEFAULT_USER}/plain-peft")
-    cfg = json.loads((adapter_run / "adapter" / "adapter_config.json").read_text())
+    adapter_dir = Run(adapter_run).adapter_dir
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = BASE_REPO
-    api.upload_folder(folder_path=adapter_run / "adapter", repo_id=f"{DEFAULT_USER}/plain-peft",
+    api.upload_folder(folder_path=adapter_dir, repo_id=f"{DEFAULT_USER}/plain-peft",
                       allow_patterns=["*.safetensors", "tokenizer*", "chat_template.jinja"])
     api.upload_file(path_or_fileobj=json.dumps(cfg).encode(), path_in_repo="adapter_config.json",
                     repo_id=f"{DEFAULT_USER}/plain-peft")
     api.upload_file(path_or_fileobj=b"\0" * 32, repo_id=f"{DEFAULT_USER}/plain-peft",
                     path_in_repo="checkpoint-10/adapter_model.safetensors")
     run = pull(f"{DEFAULT_USER}/plain-peft", runs_dir=tmp_path / "runs")
-    assert not (run / "adapter" / "checkpoint-10").exists()  # only what from_pretrained reads
-    m = load_manifest(run)
+    assert not (Run(run).adapter_dir / "checkpoint-10").exists()  # what from_pretrained reads
+    m = Run(run).manifest()
     assert m.kind == "adapter" and m.base_model.hub_id == BASE_REPO
-    assert m.chat_template and m.eos_tokens == ["<|im_end|>"]
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert m.chat.template and m.chat.stop_tokens == ["<|im_end|>"]
+    assert (Run(run).adapter_dir / "adapter_model.safetensors").is_file()
 
 
 def test_transient_errors_during_download_are_retried(fake_hub, adapter_run, tmp_path):
@@ -132,8 +141,61 @@ def test_transient_errors_during_download_are_retried(fake_hub, adapter_run, tmp
     fake_hub.inject("resolve", 503, times=2)
     run = pull(ADAPTER_REPO, runs_dir=tmp_path / "runs")
     assert fake_hub.pending_faults("resolve") == 0 and fake_hub.pending_faults("info") == 0
-    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (adapter_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (Run(run).adapter_dir / "adapter_model.safetensors").read_bytes() == \
+        (Run(adapter_run).adapter_dir / "adapter_model.safetensors").read_bytes()
+
+
+def test_repo_pushed_by_the_previous_release_pulls_into_a_working_run(
+        fake_hub, adapter_run, tiny_model_dir, tmp_path, capsys):
+    """A schema-1 medchat.json (chat template, stop tokens and scores as loose top-level
+    fields, the base named by a local folder) next to an adapter: pull converts it."""
+    from huggingface_hub import HfApi
+    from transformers import AutoTokenizer
+
+    v1 = json.loads(V1_MANIFEST.read_text())
+    assert v1["version"] == 1 and "chat_template" in v1  # the fixture is what it claims
+    repo = f"{DEFAULT_USER}/v1-adapter"
+    api = HfApi()
+    api.create_repo(repo)
+    adapter_dir = Run(adapter_run).adapter_dir
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = BASE_REPO  # what the previous push wrote
+    api.upload_folder(folder_path=adapter_dir, repo_id=repo,
+                      allow_patterns=["*.safetensors", "tokenizer*", "chat_template.jinja"])
+    api.upload_file(path_or_fileobj=json.dumps(cfg).encode(), path_in_repo="adapter_config.json",
+                    repo_id=repo)
+    api.upload_file(path_or_fileobj=V1_MANIFEST.read_bytes(), path_in_repo="medchat.json",
+                    repo_id=repo)
+
+    assert pull_main([repo, "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert f"{repo} (adapter, commit {fake_hub.head(repo)[:12]})" in capsys.readouterr().out
+    run = Run.open("test-user--v1-adapter", runs_dir=tmp_path / "runs")
+    on_disk = json.loads(run.manifest_path.read_text())
+    assert on_disk["schema_version"] == SCHEMA_VERSION and "chat_template" not in on_disk
+    m = run.manifest()
+    assert m.kind == "adapter" and m.name == "test-user--v1-adapter"
+    assert m.chat.template == v1["chat_template"] and m.chat.stop_tokens == ["<|im_end|>"]
+    assert m.chat.system_prompt == v1["system_prompt"]
+    assert m.chat.generation.max_new_tokens == 256 and m.chat.generation.top_p == 0.9
+    # the base named by a folder of the training machine: the adapter's config gives its Hub id
+    assert m.base_model.hub_id == BASE_REPO and m.base_model.name == BASE_REPO
+    assert m.base_model.local_path is None
+    assert m.metrics.models["base"].loss == 6.2381 and m.metrics.models["adapter"].rougeL == 0.0
+    assert m.source == SourceRecord(hub_repo=repo, revision="main", commit=fake_hub.head(repo))
+    assert run.has_adapter() and run.model_kinds() == ["base", "adapter"]
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
+        (adapter_dir / "adapter_model.safetensors").read_bytes()
+
+    # the run's template and stop tokens drive chat formatting: the v1 template's own default
+    # system prompt, ChatML turns, and <|im_end|> as a single stop token id
+    tok = AutoTokenizer.from_pretrained(run.adapter_dir)
+    ensure_chat_template(tok, m.chat.template)
+    text = render(tok, [{"role": "user", "content": QUESTIONS[0]}], generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a tiny test assistant.<|im_end|>\n"
+                    f"<|im_start|>user\n{QUESTIONS[0]}<|im_end|>\n<|im_start|>assistant\n")
+    ids, strings = stop_token_ids(tok, m.chat.stop_tokens)
+    assert ids == [tok.convert_tokens_to_ids("<|im_end|>")] and strings == []
+    assert pull(repo, runs_dir=tmp_path / "runs") == run.path  # up to date: nothing downloaded
 
 
 def test_clear_errors(fake_hub, adapter_run, tmp_path, monkeypatch, capsys):

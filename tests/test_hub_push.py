@@ -1,4 +1,5 @@
-"""medchat push against a loopback Hub (tests/fake_hub.py) with the real huggingface_hub client."""
+"""medchat push (and the model card) against a loopback Hub (tests/support/fake_hub.py) with the
+real huggingface_hub client."""
 
 from __future__ import annotations
 
@@ -8,13 +9,34 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_hub import DEFAULT_TOKEN, DEFAULT_USER, make_adapter_run
 
-import hub.push as push_mod
-from hub.push import HubError, deny_reason, plan_push, push
+import hub.card
+import hub.client
+import hub.pull
+import hub.push
+import hub.space
+from hub.card import card_command
+from hub.client import HubError, human_size
+from hub.pull import pull
+from hub.push import deny_reason, plan_push, push, push_command
+from hub.space import build_bundle, parse_models
+from medchat.base_model import looks_like_repo_id
+from medchat.command_line import call
+from medchat.run_folder import Run
+from tests.support.fake_hub import DEFAULT_TOKEN, DEFAULT_USER, make_adapter_run
 
 pytestmark = pytest.mark.timeout(120)
 REPO = f"{DEFAULT_USER}/tiny-adapter"
+V1_RUN = Path(__file__).parent / "fixtures" / "v1-run"
+
+
+def push_main(argv: list[str]) -> int:
+    """`medchat push ARGS` in-process: the parser built from push_command, errors as exit 2."""
+    return call(push_command, argv, "medchat push")
+
+
+def weights(run: Path) -> Path:
+    return Run(run).adapter_dir / "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +51,10 @@ def _front_matter(readme: bytes) -> dict:
 
 
 def test_dry_run_lists_files_and_sizes_without_network(adapter_run, fake_hub, capsys):
-    assert push_mod.main([str(adapter_run), REPO, "--dry-run"]) == 0
+    assert push_main([str(adapter_run), REPO, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    size = (adapter_run / "adapter" / "adapter_model.safetensors").stat().st_size
-    assert "adapter_model.safetensors" in out and push_mod.human_size(size) in out
+    size = weights(adapter_run).stat().st_size
+    assert "adapter_model.safetensors" in out and human_size(size) in out
     for name in ("README.md", "medchat.json", "eval.json", "tokenizer.json"):
         assert name in out
     assert "adapter/optimizer.pt  (optimizer state)" in out
@@ -51,9 +73,8 @@ def test_push_arrives_byte_identical_and_second_push_uploads_nothing(adapter_run
         expected = f.source.read_bytes() if f.source else f.data
         assert on_hub[f.path_in_repo] == expected, f.path_in_repo
     # the weights went through LFS, configs as regular files
-    weights = (adapter_run / "adapter" / "adapter_model.safetensors").read_bytes()
     assert len(fake_hub.lfs_uploads) == 1
-    assert on_hub["adapter_model.safetensors"] == weights
+    assert on_hub["adapter_model.safetensors"] == weights(adapter_run).read_bytes()
     for junk in ("optimizer.pt", "training_args.bin", ".env", "checkpoints", "logs"):
         assert not any(p == junk or p.startswith(junk + "/") for p in on_hub)
 
@@ -87,6 +108,7 @@ def test_card_metadata_parses_and_names_hub_ids(adapter_run, fake_hub, tmp_path)
     assert 'PeftModel.from_pretrained(base, "test-user/tiny-adapter")' in text
     assert "merge_and_unload" in text and "Intended use" in text
     assert "| adapter | 2.4 | 11 | 0.19 | 4.2 |" in text  # the evaluation table
+    assert "| base | 3.1 | 22.2 | 0.11 | 1.5 |" in text
     assert '"r": 8' in text  # the training configuration
     assert str(adapter_run.parent) not in readme.decode()  # no local paths
     manifest = json.loads(fake_hub.repo_files(REPO)["medchat.json"])
@@ -94,6 +116,10 @@ def test_card_metadata_parses_and_names_hub_ids(adapter_run, fake_hub, tmp_path)
     assert manifest["base_model"]["local_path"] is None and manifest["kind"] == "adapter"
     assert "/" not in manifest["dataset"]["source"] and str(adapter_run.parent) not in \
         json.dumps(manifest)
+    assert manifest["schema_version"] == 2 and manifest["chat"]["stop_tokens"] == ["<|im_end|>"]
+    assert manifest["source"]["pushed_from_run"] == "tiny-run"
+    assert manifest["source"]["hub_repo"] == REPO
+    assert manifest["metrics"]["models"]["adapter"]["rougeL"] == 0.19
     adapter_cfg = json.loads(fake_hub.repo_files(REPO)["adapter_config.json"])
     assert adapter_cfg["base_model_name_or_path"] == "test-user/tiny-base"
 
@@ -103,7 +129,7 @@ def test_merged_push_card_says_transformers(adapter_run, fake_hub, tiny_model_di
 
     run = tmp_path / "merged-run"
     shutil.copytree(adapter_run, run)
-    shutil.copytree(tiny_model_dir, run / "merged")
+    shutil.copytree(tiny_model_dir, Run(run).merged_dir)
     result = push(run, f"{DEFAULT_USER}/tiny-merged", merged=True)
     files = fake_hub.repo_files(f"{DEFAULT_USER}/tiny-merged")
     assert "model.safetensors" in files and "adapter_config.json" not in files
@@ -125,7 +151,7 @@ def test_transient_5xx_are_retried(adapter_run, fake_hub):
         assert fake_hub.pending_faults(name) == 0, name
     assert fake_hub.stats["create"] == 3 and fake_hub.stats["commit"] == 2
     assert fake_hub.repo_files(REPO)["adapter_model.safetensors"] == \
-        (adapter_run / "adapter" / "adapter_model.safetensors").read_bytes()
+        weights(adapter_run).read_bytes()
     assert result.changed
 
 
@@ -133,12 +159,12 @@ def test_persistent_5xx_gives_a_clear_error(adapter_run, fake_hub):
     fake_hub.inject("commit", 503, times=50)
     with pytest.raises(HubError, match=r"kept answering 503 when trying to upload"):
         push(adapter_run, REPO)
-    assert fake_hub.stats["commit"] == push_mod.RETRIES + 1
+    assert fake_hub.stats["commit"] == hub.client.RETRIES + 1
 
 
 def test_rejected_token_401(adapter_run, fake_hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_NotAValidTokenAtAll000000000000000")
-    assert push_mod.main([str(adapter_run), REPO]) == 2
+    assert push_main([str(adapter_run), REPO]) == 2
     err = capsys.readouterr().err
     assert "rejected the token from HF_TOKEN (401 Unauthorized)" in err
     assert "hf auth login" in err and "hf_NotAValid" not in err
@@ -147,7 +173,7 @@ def test_rejected_token_401(adapter_run, fake_hub, monkeypatch, capsys):
 
 def test_missing_token(adapter_run, fake_hub, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN")
-    assert push_mod.main([str(adapter_run), REPO]) == 2
+    assert push_main([str(adapter_run), REPO]) == 2
     assert "no Hugging Face token found: set HF_TOKEN" in capsys.readouterr().err
     assert fake_hub.requests == []
 
@@ -199,14 +225,14 @@ def test_token_never_appears_in_logs_output_or_files(adapter_run, fake_hub, tmp_
 
     monkeypatch.setattr(constants, "HF_DEBUG", True)  # the client's most verbose logging
     caplog.set_level(logging.DEBUG)
-    assert push_mod.main([str(adapter_run), REPO, "--private"]) == 0
+    assert push_main([str(adapter_run), REPO, "--private"]) == 0
     fake_hub.inject("commit", 503, times=1)
-    (adapter_run / "adapter" / "notes.txt").write_text("changed\n")
+    (Run(adapter_run).adapter_dir / "notes.txt").write_text("changed\n")
     try:
-        assert push_mod.main([str(adapter_run), REPO, "--dry-run"]) == 0
-        assert push_mod.main([str(adapter_run), REPO]) == 0
+        assert push_main([str(adapter_run), REPO, "--dry-run"]) == 0
+        assert push_main([str(adapter_run), REPO]) == 0
     finally:
-        (adapter_run / "adapter" / "notes.txt").unlink()
+        (Run(adapter_run).adapter_dir / "notes.txt").unlink()
     assert "whoami" in fake_hub.seen_auth and "commit" in fake_hub.seen_auth  # it was sent
     out, err = capfd.readouterr()
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
@@ -219,10 +245,10 @@ def test_token_never_appears_in_logs_output_or_files(adapter_run, fake_hub, tmp_
 
 
 def test_a_file_holding_a_token_stops_the_push(adapter_run, fake_hub, capsys):
-    leak = adapter_run / "adapter" / "notes.txt"
+    leak = Run(adapter_run).adapter_dir / "notes.txt"
     leak.write_text("my token: hf_abcdefghijklmnopqrstuvwxyz0123456789\n")
     try:
-        assert push_mod.main([str(adapter_run), REPO]) == 2
+        assert push_main([str(adapter_run), REPO]) == 2
     finally:
         leak.unlink()
     err = capsys.readouterr().err
@@ -250,3 +276,51 @@ def test_clear_errors_before_any_upload(tmp_path, adapter_run):
         plan_push(tmp_path / "nope", REPO)
     with pytest.raises(HubError, match=r"no config\.json.*medchat merge"):
         plan_push(adapter_run, REPO, merged=True)
+
+
+@pytest.mark.parametrize("bad", ["a/b/c", "../x", "x/..", "owner/..", "/abs/x", "./x/y", "~/x",
+                                 "x/.hidden", "no-slash", "a--b/c", "owner/"])
+def test_the_one_repo_id_check_rejects_paths_dotdot_and_three_part_ids(bad, adapter_run,
+                                                                       tmp_path):
+    for module in (hub.client, hub.push, hub.pull, hub.space, hub.card):
+        # every hub module uses medchat.base_model's check, none keeps a copy of its own
+        assert getattr(module, "looks_like_repo_id", looks_like_repo_id) is looks_like_repo_id
+    assert not looks_like_repo_id(bad)
+    with pytest.raises(HubError, match="expected OWNER/NAME"):
+        plan_push(adapter_run, bad)
+    with pytest.raises(HubError, match="expected OWNER/NAME"):
+        pull(bad, runs_dir=tmp_path / "runs")  # refused before any request
+    with pytest.raises(HubError, match="Space id .*expected OWNER/NAME"):
+        build_bundle(tmp_path / "bundle", bad, [REPO], "test-user/tiny-base")
+    with pytest.raises(HubError, match="--models: expected comma-separated OWNER/NAME"):
+        parse_models(f"{REPO},{bad}")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "bundle").exists()
+
+
+def test_card_command_prints_the_card_push_uploads(adapter_run, capsys):
+    assert call(card_command, [str(adapter_run), "--repo", REPO], "medchat card") == 0
+    printed = capsys.readouterr().out
+    card = str(plan_push(adapter_run, REPO).files[0].data, "utf-8")
+    assert printed.strip() == card.strip()
+    assert call(card_command, [str(adapter_run), "--merged"], "medchat card") == 0
+    printed = capsys.readouterr().out
+    assert _front_matter(printed.encode())["library_name"] == "transformers"
+    assert "# tiny-run: merged model of test-user/tiny-base" in printed  # your-name/RUN
+
+
+def test_card_of_a_schema_1_run_takes_its_scores_from_the_manifest(capsys):
+    """The previous release kept test losses under loose keys and evaluation scores under
+    metrics.eval.models; the card reads them through the typed manifest."""
+    assert call(card_command, [str(V1_RUN)], "medchat card") == 2
+    assert "pass --base-model OWNER/NAME" in capsys.readouterr().err  # a local base, no Hub id
+    assert call(card_command, [str(V1_RUN), "--base-model", "test-user/tiny-base"],
+                "medchat card") == 0
+    text = capsys.readouterr().out
+    meta = _front_matter(text.encode())
+    assert meta["base_model"] == "test-user/tiny-base" and "qlora" not in meta["tags"]
+    assert "model-index" not in meta  # no Hub dataset id to index the scores under
+    assert "| base | 6.238 | 511.9 | 0 | 0 | 0 | 0 |" in text
+    assert "| adapter | 6.237 | 511.2 | 0 | 0 | 0 | 0 |" in text
+    assert "| merged | 6.237 | 511.2 | 0 | 0 | 0 | 0 |" in text
+    assert "LoRA: r=16, alpha=32" in text and "Mean train loss: 6.247" in text
+    assert "/data/medchat-v1" not in text  # local paths of the training machine stay out

@@ -1,5 +1,6 @@
 """Merge: merged model == base + adapter (peft, unmerged), shards/index valid, bad input refused
-with nothing left behind. Everything runs on the tiny random Llama from tiny_model.py."""
+with nothing left behind. Everything runs on the tiny random Llama of tests/support/tiny_model.py.
+"""
 
 from __future__ import annotations
 
@@ -12,32 +13,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.manifest import Manifest, BaseModelRef, load_manifest, save_manifest  # noqa: E402
-from training.merge import INDEX_NAME, MergeError, main as merge_main, merge  # noqa: E402
+from medchat.command_line import call  # noqa: E402
+from medchat.run_folder import Run  # noqa: E402
+from tests.support.merge_runs import make_adapter, make_run  # noqa: E402
+from training.merge import INDEX_NAME, MergeError, merge, merge_command, merge_run  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
 PROMPTS = [[3, 5, 7, 3, 100, 200, 11], [40, 41, 42, 43, 300, 5]]  # include trainable-token ids
-
-
-def make_adapter(base_dir: Path, out: Path, seed: int = 0, noise: float = 0.02, **lora) -> Path:
-    """Save a peft adapter whose every trainable tensor (LoRA, modules_to_save, trainable
-    tokens) is moved away from its initial value, so a merge that ignores any of them fails."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora.setdefault("r", 4)
-    lora.setdefault("lora_alpha", 8)
-    lora.setdefault("target_modules", "all-linear")
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
-    with torch.no_grad():
-        for _, p in peft_model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * noise)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def peft_logits(base_dir: Path, adapter_dir: Path | None) -> list:
@@ -121,7 +104,7 @@ def test_tied_trainable_tokens_keep_the_tie(tiny_model_dir, tmp_path):
 
 
 def test_untied_model_with_rslora_and_patterns(tmp_path):
-    from tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     base = build_tiny_model(tmp_path / "base", seed=1, tie_word_embeddings=False)
     a1 = make_adapter(base, tmp_path / "rslora", r=8, lora_alpha=4, use_rslora=True)
@@ -133,7 +116,7 @@ def test_untied_model_with_rslora_and_patterns(tmp_path):
 
 def test_lora_bias_and_trained_biases(tmp_path):
     """Layers with biases: lora_bias (B's bias * scaling) and bias='all' (full replacement)."""
-    from tiny_model import build_tokenizer
+    from tests.support.tiny_model import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
@@ -205,7 +188,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_mismatched_base_shapes(adapter_dir, tmp_path):
-    from tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     other = build_tiny_model(tmp_path / "wide", hidden=32)
     with pytest.raises(MergeError, match=r"does not match the base.*shape"):
@@ -214,7 +197,7 @@ def test_mismatched_base_shapes(adapter_dir, tmp_path):
 
 
 def test_mismatched_base_names(adapter_dir, tmp_path):
-    from tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     other = build_tiny_model(tmp_path / "short", layers=1)
     with pytest.raises(MergeError, match=r"model\.layers\.1\..*which the base does not have"):
@@ -298,52 +281,65 @@ def test_unsupported_variants_and_quantised_base(tiny_model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CLI on a run folder: fidelity recorded in the manifest
+# A run folder: fidelity recorded in the manifest
 
 
-def make_run(tiny_model_dir: Path, run_dir: Path, seed: int = 0, n_test: int = 4) -> Path:
-    """A minimal run folder: manifest, adapter/, data/test.jsonl (as training writes them)."""
-    from training.data import Conversation, write_jsonl
-    from transformers import AutoTokenizer
-
-    make_adapter(tiny_model_dir, run_dir / "adapter", seed=seed)
-    qa = [("What is aspirin used for?", "Aspirin is used to reduce fever and relieve mild pain."),
-          ("How should I take metformin?", "Take metformin with meals to reduce stomach upset."),
-          ("Can I drink alcohol with ibuprofen?", "Alcohol can increase the risk of stomach bleeding."),
-          ("What are the side effects of lisinopril?", "Cough, dizziness and headache are common.")]
-    system = "You are a tiny test assistant."
-    convs = [Conversation([{"role": "system", "content": system}, {"role": "user", "content": q},
-                           {"role": "assistant", "content": a}], {"focus": q.split()[-1]})
-             for q, a in qa[:n_test]]
-    write_jsonl(convs, run_dir / "data" / "test.jsonl")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    save_manifest(run_dir, Manifest(
-        name=run_dir.name, base_model=BaseModelRef(name=str(tiny_model_dir), local_path=str(tiny_model_dir)),
-        chat_template=tok.chat_template, system_prompt=system, eos_tokens=["<|im_end|>"],
-        dataset={"files": {"test": "data/test.jsonl"}}, training={"config": {"model": {"quantization": "nf4"}}}))
-    return run_dir
+def merge_main(argv: list[str]) -> int:
+    return call(merge_command, argv, "medchat merge")
 
 
 def test_cli_merges_a_run_and_records_fidelity(tiny_model_dir, tmp_path, capsys):
     run = make_run(tiny_model_dir, tmp_path / "runs" / "r1")
-    assert merge_main([str(run), "--quiet", "--max-shard-size", "100KB"]) == 0
+    assert merge_main([str(run.path), "--quiet", "--max-shard-size", "100KB"]) == 0
     out = capsys.readouterr().out
     assert "fidelity on 3 prompt(s)" in out and "agree on 3/3" in out and "nf4" in out
-    m = load_manifest(run)
+    m = run.manifest()
     f = m.merge["fidelity"]
     assert f["prompts"] == 3 and f["greedy_agree"] is True and f["max_abs_logit_diff"] < 1e-3
     assert m.merge["shards"] >= 2 and "note" in m.merge
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(run / "merged").chat_template == m.chat_template
+    assert AutoTokenizer.from_pretrained(run.merged_dir).chat_template == m.chat.template
     # a second merge without --overwrite is refused with exit code 2, the first output intact
-    assert merge_main([str(run), "--quiet", "--check-prompts", "0"]) == 2
+    assert merge_main([str(run.path), "--quiet", "--check-prompts", "0"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (run / "merged" / INDEX_NAME).is_file() and not no_leftovers(run)
+    assert (run.merged_dir / INDEX_NAME).is_file() and not no_leftovers(run.path)
+
+
+def test_merge_run_records_fidelity_in_the_typed_manifest(tiny_model_dir, tmp_path, monkeypatch):
+    """merge_run by run name: base from the manifest, the run's split for the prompts, the
+    manifest's stop tokens in the merged generation config, the record in `merge`."""
+    made = make_run(tiny_model_dir, tmp_path / "runs" / "r2", n_test=2)
+    chat = made.manifest().chat
+    chat.stop_tokens = ["<|im_end|>", "<|im_start|>"]  # a second stop token, not the eos
+    made.update_manifest(chat=chat)
+    monkeypatch.setenv("MEDCHAT_RUNS", str(tmp_path / "runs"))
+    result = merge_run("r2", check_prompts=5, check_tokens=4, progress=False)
+    run = Run.open("r2")
+    assert Path(result.output) == run.merged_dir and run.has_merged()
+    assert result.base == str(tiny_model_dir) and "nf4" in result.note
+    m = run.manifest()
+    assert m.schema_version == 2
+    # two test questions exist, so two prompts (the fixed fallbacks only stand in for none)
+    assert m.merge["fidelity"] == result.fidelity and result.fidelity["prompts"] == 2
+    assert result.fidelity["greedy_tokens"] == 4 and result.fidelity["greedy_agree"] is True
+    assert m.merge["base"] == str(tiny_model_dir) and m.merge["note"] == result.note
+    assert m.merge["output"] == str(run.merged_dir) and m.merge["created"]
+    gen = json.loads((run.merged_dir / "generation_config.json").read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run.merged_dir)
+    assert gen["eos_token_id"] == tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    # the rest of the manifest is untouched
+    assert m.chat.stop_tokens == ["<|im_end|>", "<|im_start|>"]
+    assert m.training.quantization == "nf4" and m.training.max_length == 1024
+    # a second merge (no check) replaces the record: no stale fidelity from the first
+    merge_run(run, overwrite=True, check_prompts=0, progress=False)
+    assert run.manifest().merge["fidelity"] == {}
 
 
 def test_cli_usage_errors(capsys, tmp_path):
     assert merge_main(["--base", "x"]) == 2
     assert "nothing to merge" in capsys.readouterr().err
     assert merge_main([str(tmp_path / "nope")]) == 2
-    assert "not a run folder" in capsys.readouterr().err
+    assert "no such folder, and no run of that name" in capsys.readouterr().err

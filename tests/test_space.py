@@ -13,19 +13,28 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_hub import DEFAULT_USER, hub_env, make_adapter_run
 
-from hub.push import HubError, push
-from hub.space import (ROOT, build_bundle, main as space_main, requirement_name,
+from hub.client import HubError
+from hub.push import push
+from hub.space import (ROOT, app_files, build_bundle, deploy_space_command, requirement_name,
                        third_party_imports)
+from medchat.command_line import call
+from medchat.run_folder import Run
+from tests.support.chat_runs import QUESTIONS, reference_answer
+from tests.support.fake_hub import DEFAULT_USER, hub_env, make_adapter_run
 
 BASE_REPO = f"{DEFAULT_USER}/tiny-base"
 ADAPTER_REPO = f"{DEFAULT_USER}/tiny-adapter"
 SPACE_REPO = f"{DEFAULT_USER}/medchat-demo"
-# Imported by the bundled code, but not needed to serve: training-only code paths (datasets,
-# openpyxl), ZeroGPU's preinstalled `spaces`, gradio (sdk_version), httpx (huggingface_hub's).
-NOT_REQUIRED = {"datasets", "openpyxl", "spaces", "gradio", "httpx", "httpx2"}
+# Imported by the bundled code, but not needed to serve: ZeroGPU's preinstalled `spaces`,
+# gradio (sdk_version), httpx (huggingface_hub's).
+NOT_REQUIRED = {"spaces", "gradio", "httpx", "httpx2"}
 IMPORT_NAMES = {"huggingface_hub": "huggingface-hub", "yaml": "pyyaml"}
+
+
+def space_main(argv: list[str]) -> int:
+    """`medchat deploy-space ARGS` in-process (errors as exit 2)."""
+    return call(deploy_space_command, argv, "medchat deploy-space")
 
 
 def _front_matter(path: Path) -> dict:
@@ -33,20 +42,23 @@ def _front_matter(path: Path) -> dict:
 
 
 @pytest.mark.timeout(60)
-def test_bundle_holds_the_app_and_only_light_training_modules(tmp_path):
+def test_bundle_holds_what_the_app_imports_and_no_training_code(tmp_path):
     import gradio
 
     bundle = build_bundle(tmp_path / "bundle", SPACE_REPO, [ADAPTER_REPO], BASE_REPO,
                           hardware="cpu-upgrade")
     files = {p.as_posix() for p in bundle.files}
     for must in ("launch.py", "README.md", "requirements.txt", "space_config.json",
-                 "medchat/app.py", "medchat/engine.py", "medchat/registry.py", "hub/pull.py",
-                 "training/__init__.py", "training/manifest.py", "training/encode.py",
-                 "training/base_model.py"):
+                 "medchat/__init__.py", "medchat/server.py", "medchat/app.py",
+                 "medchat/engine.py", "medchat/registry.py", "medchat/run_folder.py",
+                 "medchat/chat_format.py", "medchat/base_model.py", "hub/__init__.py",
+                 "hub/pull.py", "hub/client.py"):
         assert must in files, must
-    for never in ("training/run.py", "training/config.py", "training/merge.py",
-                  "training/evaluate.py", "pyproject.toml"):
+    # the training stages and the command table that reaches them are not the app's
+    assert not any(f.startswith("training/") for f in files), sorted(files)
+    for never in ("medchat/cli.py", "medchat/__main__.py", "pyproject.toml"):
         assert never not in files, never
+    assert {p.as_posix() for p in app_files()} == {f for f in files if f.endswith(".py")}
     assert not any(f.startswith(("tests/", "runs/", "bench/", ".")) or "__pycache__" in f
                    for f in files)
     for f in bundle.files:  # the code is copied as is
@@ -125,7 +137,6 @@ def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> No
 @pytest.mark.timeout(240)
 def test_space_started_from_its_bundle_streams_a_pushed_model(fake_hub, tmp_path,
                                                               tiny_model_dir, capsys):
-    from chat_runs import QUESTIONS, reference_answer
     from gradio_client import Client
     from huggingface_hub import HfApi, snapshot_download
 
@@ -180,15 +191,16 @@ def test_space_started_from_its_bundle_streams_a_pushed_model(fake_hub, tmp_path
             proc.kill()
     text = log.read_text()
     assert "pulling test-user/tiny-adapter" in text and "warning: could not pull" not in text
-    want = reference_answer(tiny_model_dir, QUESTIONS[0], run / "adapter", 16)
+    want = reference_answer(tiny_model_dir, QUESTIONS[0], Run(run).adapter_dir, 16)
     assert final == want and len(pieces) >= 2  # streamed: several growing partial answers
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
-    assert (tmp_path / "space-runs" / "test-user--tiny-adapter" / "adapter").is_dir()
-    # the app ran on the bundle's code: started from the checkout, every medchat module the app
-    # imports resolves inside it (also when medchat is installed, e.g. editable, in this venv)
+    assert Run(tmp_path / "space-runs" / "test-user--tiny-adapter").adapter_dir.is_dir()
+    # the app ran on the bundle's code: started from the checkout (`python -c` puts the current
+    # folder first on the import path), every module the app imports resolves inside it, also
+    # when medchat is installed, e.g. editable, in this venv
     where = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, ''); import launch, hub.pull, "
-         "medchat.engine, training.manifest as m; print(launch.__file__, hub.pull.__file__, "
+        [sys.executable, "-c", "import launch, hub.pull, "
+         "medchat.engine, medchat.run_folder as m; print(launch.__file__, hub.pull.__file__, "
          "medchat.engine.__file__, m.__file__, sep='\\n')"],
         cwd=space_dir, env=env, capture_output=True, text=True)
     assert where.returncode == 0, where.stderr

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from medchat.run_folder import Run
+
 ROOT = Path(__file__).resolve().parents[1]
 QA = [
     ("What is aspirin used for?", "Aspirin relieves pain and fever."),
@@ -28,8 +30,7 @@ QA = [
 def _env(tmp_path):
     env = dict(os.environ)
     env.update({"MEDCHAT_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1",
-                "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1"})
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
@@ -47,7 +48,7 @@ def _free_port():
 def learnable_model_dir(tmp_path_factory):
     """Tiny model with a wider init: with std 0.02 a 64-wide tied head caps logits so low that
     no LoRA update can fit even 8 answers; std 0.2 makes memorisation a fair test."""
-    from tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("learnable") / "m", init_std=0.2)
 
@@ -91,7 +92,7 @@ def _run(args, env, timeout=300, launcher=None):
 def test_qlora_zero2_trains_and_only_lora_changes(tmp_path, learnable_model_dir, tiny_data):
     """Loss falls on a set it can memorise; LoRA weights change, the (4-bit) base does not."""
     driver = textwrap.dedent(f"""
-        import json, torch, sys
+        import dataclasses, json, torch, sys
         from training.config import build_config
         from training.run import prepare, load_model, train, save, held_out_losses
         cfg = build_config("cpu-smollm2", {_settings(learnable_model_dir, tiny_data, **{"train.max_steps": 60, "name": "q"})[1::2]!r})
@@ -112,7 +113,7 @@ def test_qlora_zero2_trains_and_only_lora_changes(tmp_path, learnable_model_dir,
                    ds=type(trainer.model_wrapped).__name__)
         metrics = held_out_losses(prep, trainer.model)
         save(prep, trainer.model, stats, metrics)
-        out["metrics"] = metrics
+        out["metrics"] = dataclasses.asdict(metrics)
         print("RESULT" + json.dumps(out))
     """)
     env = _env(tmp_path)
@@ -133,10 +134,26 @@ def test_qlora_zero2_trains_and_only_lora_changes(tmp_path, learnable_model_dir,
     weights = load_file(run / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k for k in weights) and not list(run.glob("adapter/*.bin"))
     man = json.loads((run / "medchat.json").read_text())
-    assert man["chat_template"] and man["eos_tokens"] == ["<|im_end|>"]
+    assert man["schema_version"] == 2
+    assert man["chat"]["template"] and man["chat"]["stop_tokens"] == ["<|im_end|>"]
+    from transformers import AutoTokenizer
+
+    # the template training rendered with is the one recorded (and saved with the adapter)
+    for folder in (learnable_model_dir, run / "adapter"):
+        assert man["chat"]["template"] == AutoTokenizer.from_pretrained(folder).chat_template
     assert man["dataset"]["sizes"] == {"train": 6, "test": 2, "val": 0}
-    assert (run / man["dataset"]["files"]["test"]).is_file()
+    assert man["dataset"]["stats"]["max_length"] == 256 and man["dataset"]["sha256"]
     assert man["training"]["config"]["model"]["quantization"] == "nf4"
+    assert man["training"]["stats"]["steps"] == 60
+    typed = Run.open(run).manifest()  # the typed view reads back what training wrote
+    assert typed.training.max_length == 256 and typed.training.quantization == "nf4"
+    assert typed.base_model.local_path == str(learnable_model_dir)
+    assert len(Run.open(run).test_split()) == 2
+    held_out = res["metrics"]
+    assert held_out["test_samples"] == 2 and held_out["test_tokens"] > 0
+    for kind in ("base", "adapter"):
+        assert man["metrics"]["models"][kind] == held_out["models"][kind]
+        assert held_out["models"][kind]["loss"] > 0 and held_out["models"][kind]["perplexity"] > 1
     losses = [json.loads(x) for x in (run / "logs" / "loss.jsonl").read_text().splitlines()]
     assert len([x for x in losses if "loss" in x]) == 60
     assert list((run / "logs").glob("events.out.tfevents.*"))
@@ -175,5 +192,5 @@ def test_two_process_data_parallel_run(tmp_path, learnable_model_dir, tiny_data)
                                                    "train.eval_test_loss": "false"})
     _run(args + ["--name", "dp"], env, launcher=torchrun)
     man = json.loads((tmp_path / "runs" / "dp" / "medchat.json").read_text())
-    assert man["training"]["world_size"] == 2 and man["training"]["steps"] == 4
+    assert man["training"]["stats"]["world_size"] == 2 and man["training"]["stats"]["steps"] == 4
     assert (tmp_path / "runs" / "dp" / "adapter" / "adapter_model.safetensors").is_file()

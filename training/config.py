@@ -3,6 +3,11 @@ that deserialize into them, and `--set section.field=value` overrides any field.
 
 Every field carries a one-line help (`metadata["help"]`); `describe()` prints them all.
 Invalid values and combinations are rejected in `TrainConfig.validate()` naming the field.
+
+    medchat list-presets                  # shipped presets, one line each
+    medchat copy-preset NAME FILE         # a preset to edit (its comments come along)
+    medchat show-config [--preset P] [--set k=v]   # the resolved config as YAML
+    medchat fields                        # every field with its default and help
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
+from medchat.command_line import Opt
+from medchat.errors import UserError
 from training.data import DEFAULT_COLUMNS
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -31,7 +38,7 @@ def f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting that is invalid; the message names the field and what to do."""
 
 
@@ -39,12 +46,16 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = f("HuggingFaceTB/SmolLM2-135M-Instruct", "Hub id or local folder of the base model")
     revision: str | None = f(None, "Hub revision (branch, tag or commit) of the base model")
-    trust_remote_code: bool = f(False, "run model code from the Hub repo; only for models that need it")
-    dtype: str = f("auto", "weights/compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    trust_remote_code: bool = f(False, "run model code from the Hub repo; only for models that "
+                                       "need it")
+    dtype: str = f("auto", "weights/compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
+                           "bfloat16, float16")
     quantization: str = f("none", "none, or nf4 for QLoRA (bitsandbytes 4-bit base weights)")
-    double_quant: bool = f(True, "QLoRA: also quantize the quantization constants (saves ~0.4 bit/param)")
+    double_quant: bool = f(True, "QLoRA: also quantize the quantization constants "
+                                 "(saves ~0.4 bit/param)")
     attn_implementation: str = f("sdpa", "attention kernel: sdpa, eager, flash_attention_2")
-    gradient_checkpointing: bool = f(True, "recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool = f(True, "recompute activations in backward: less memory, "
+                                           "~30% slower")
 
 
 @dataclass
@@ -52,8 +63,10 @@ class LoraSettings:
     r: int = f(16, "LoRA rank: capacity of the update; memory grows linearly")
     alpha: int = f(32, "LoRA scaling numerator (update is scaled by alpha/r)")
     dropout: float = f(0.05, "dropout on the LoRA input")
-    target_modules: str | list[str] = f("all-linear", "'all-linear' or a list of module names to adapt")
-    modules_to_save: list[str] | None = f(None, "extra modules trained in full and saved (e.g. embed_tokens)")
+    target_modules: str | list[str] = f("all-linear",
+                                        "'all-linear' or a list of module names to adapt")
+    modules_to_save: list[str] | None = f(None, "extra modules trained in full and saved "
+                                                "(e.g. embed_tokens)")
 
 
 @dataclass
@@ -62,7 +75,8 @@ class DataConfig:
     format: str = f("auto", "auto, xlsx, xtuner, openai, alpaca")
     sheet: str = f("DrugQA", "spreadsheet sheet name")
     columns: dict[str, str] = f(
-        dict(DEFAULT_COLUMNS), "spreadsheet column headers for question, answer and provenance fields")
+        dict(DEFAULT_COLUMNS),
+        "spreadsheet column headers for question, answer and provenance fields")
     system_prompt: str | None = f(None, "system prompt for every sample (default: medchat's)")
     test_size: float = f(0.3, "share of questions held out for testing (the tutorial's 70/30)")
     val_size: float = f(0.0, "share of questions for a validation part (0 = none)")
@@ -84,12 +98,14 @@ class TrainingSettings:
     max_grad_norm: float = f(1.0, "gradient clipping")
     batch_size: int = f(1, "rows per device per step (a packed row holds several samples)")
     grad_accum: int = f(4, "micro-batches accumulated per optimizer step")
-    deepspeed: str | None = f("zero2", "DeepSpeed config: zero2 (shipped), a JSON path, or null for none")
+    deepspeed: str | None = f("zero2", "DeepSpeed config: zero2 (shipped), a JSON path, or null "
+                                       "for none")
     save_steps: int = f(50, "checkpoint every N optimizer steps (for --resume)")
     save_total_limit: int = f(2, "keep at most this many checkpoints")
     logging_steps: int = f(1, "log loss every N steps")
     seed: int = f(42, "training seed (LoRA init, shuffling)")
-    eval_test_loss: bool = f(True, "measure held-out test loss of base and fine-tuned model at the end")
+    eval_test_loss: bool = f(True, "measure held-out test loss of base and fine-tuned model at "
+                                   "the end")
     eval_max_samples: int | None = f(None, "cap on test samples for that loss (null = all)")
 
 
@@ -160,7 +176,8 @@ class TrainConfig:
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, "
+                          f"got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {fl.name for fl in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -290,7 +307,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def build_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | None = None) -> TrainConfig:
+def build_config(preset: str | None = DEFAULT_PRESET,
+                 overrides: list[str] | None = None) -> TrainConfig:
     data = load_preset(preset) if preset else {}
     for o in overrides or []:
         apply_override(data, o)
@@ -309,7 +327,8 @@ def describe(cls: type = TrainConfig, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(hint):
             lines += describe(hint, f"{prefix}{fl.name}.")
             continue
-        default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()  # type: ignore[misc]
+        default = (fl.default if fl.default is not dataclasses.MISSING
+                   else fl.default_factory())  # type: ignore[misc]
         lines.append(f"{prefix}{fl.name} = {default!r}  # {fl.metadata.get('help', '')}")
     return lines
 
@@ -321,3 +340,44 @@ def copy_preset(name: str, dest: str | os.PathLike) -> Path:
         raise ConfigError(f"{dest}: already exists; choose another file name")
     dest.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
     return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def list_presets_command() -> int:
+    """List the shipped training presets, one line each."""
+    for name, desc in list_presets().items():
+        print(f"{name:24s} {desc}")
+    return 0
+
+
+def copy_preset_command(name: str, file: str) -> int:
+    """Copy a shipped preset to a YAML file you can edit and train with.
+
+    Args:
+        name: preset to copy (see `medchat list-presets`)
+        file: YAML file to write (must not exist yet)
+    """
+    print(f"wrote {copy_preset(name, file)}; run it with --preset {file}")
+    return 0
+
+
+def show_config_command(*, preset: Annotated[str, Opt("--preset", "--config")] = DEFAULT_PRESET,
+                        overrides: Annotated[list[str], Opt("--set", metavar="FIELD=VALUE")] = (),
+                        ) -> int:
+    """Print the resolved training config (preset + overrides) as YAML.
+
+    Args:
+        preset: preset name (see `medchat list-presets`) or a YAML file
+        overrides: override a config field, e.g. --set lora.r=16 (repeatable)
+    """
+    print(dump_yaml(build_config(preset, list(overrides))), end="")
+    return 0
+
+
+def fields_command() -> int:
+    """Show every training config field with its default and help."""
+    print("\n".join(describe()))
+    return 0

@@ -1,14 +1,15 @@
 """Data: spreadsheet or JSON/JSONL (XTuner, OpenAI messages, alpaca) -> conversations with
 provenance -> XTuner-form JSONL on disk, and a deterministic, leakage-free split.
 
-    python -m training.data convert DATA -o OUT.jsonl     # like XTuner's xlsx2jsonl
-    python -m training.data split DATA -o OUTDIR           # train/test(/val) JSONL + sizes
-    python -m training.data check DATA                     # like xtuner check-custom-dataset
+    medchat convert-dataset DATA -o OUT.jsonl     # like XTuner's xlsx2jsonl
+    medchat split-dataset DATA -o OUTDIR          # train/test(/val) JSONL + sizes
+    medchat check-dataset DATA                    # like xtuner check-custom-dataset
 
 Every problem a user can cause is reported with the file and row/line and what to do.
 JSON/JSONL is validated line by line here (so errors carry line numbers, which `datasets`'
 JSON loader cannot give); encoding maps over a `datasets.Dataset`; CSV/Parquet/Arrow files and
-Hub dataset ids go through `datasets.load_dataset`.
+Hub dataset ids go through `datasets.load_dataset`. A training run's own split is written and
+read by the run folder (`Run.write_split`, `Run.test_split`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import os
 import random
 import re
 import string
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable, Literal
 
-from training.manifest import DEFAULT_SYSTEM_PROMPT, atomic_write_text, sha256_file
+from medchat.base_model import looks_like_repo_id
+from medchat.chat_format import Conversation
+from medchat.command_line import Opt
+from medchat.errors import UserError
+from medchat.run_folder import DEFAULT_SYSTEM_PROMPT, atomic_write_text, sha256_file
+
+# openpyxl and datasets are imported in functions: `medchat --help` and the chat app need
+# neither, and datasets alone takes about a second to import.
 
 PROVENANCE_KEYS = ("focus", "question_type", "section", "url")
 # MedicationQA's headers; any spreadsheet of questions and answers works with its own mapping.
@@ -32,7 +39,7 @@ DEFAULT_COLUMNS = {"question": "Question", "answer": "Answer", "focus": "Focus (
                    "question_type": "Question Type", "section": "Section Title", "url": "URL"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; `problems` lists every problem found (file, row/line, what, what to do)."""
 
     def __init__(self, problems: list[str] | str):
@@ -41,32 +48,6 @@ class DataError(ValueError):
         more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
         super().__init__(shown[0] if len(shown) == 1 else
                          f"{len(self.problems)} problems:\n  " + "\n  ".join(shown) + more)
-
-
-@dataclass
-class Conversation:
-    """One training sample: chat messages (role/content, system first if any) + provenance."""
-
-    messages: list[dict[str, str]]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def question(self) -> str:
-        return next((m["content"] for m in self.messages if m["role"] == "user"), "")
-
-    def to_xtuner(self) -> dict[str, Any]:
-        """XTuner conversation form: [{system?, input, output}, ...] with provenance beside it."""
-        turns, system = [], None
-        for m in self.messages:
-            if m["role"] == "system":
-                system = m["content"]
-            elif m["role"] == "user":
-                turn: dict[str, str] = {"system": system} if system is not None and not turns else {}
-                turn["input"] = m["content"]
-                turns.append(turn)
-            elif m["role"] == "assistant" and turns:
-                turns[-1]["output"] = m["content"]
-        return {"conversation": turns, "meta": self.meta}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +134,8 @@ def _detect_format(rec: dict[str, Any]) -> str | None:
 
 
 def record_to_conversation(rec: Any, fmt: str, where: str,
-                           system_prompt: str | None = None) -> tuple[Conversation | None, list[str]]:
+                           system_prompt: str | None = None
+                           ) -> tuple[Conversation | None, list[str]]:
     """Turn one JSON record (XTuner, OpenAI or alpaca) into a Conversation, or list its problems."""
     if not isinstance(rec, dict):
         return None, [f"{where}: expected a JSON object, got {type(rec).__name__}"]
@@ -258,7 +240,7 @@ def collect(path: str | os.PathLike, fmt: str = "auto", sheet: str = "DrugQA",
     """Read any supported source; return (conversations, problems) without raising on row errors."""
     p = Path(str(path)).expanduser()
     if not p.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):
+        if looks_like_repo_id(str(path)):
             return _collect_hub(str(path), fmt, system_prompt, columns)
         raise DataError(f"{path}: no such file; pass --data with a .xlsx, .json or .jsonl file "
                         "(MedicationQA: github.com/abachaa/Medication_QA_MedInfo2019)")
@@ -290,7 +272,8 @@ DATASETS_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arro
 def _collect_hub(name: str, fmt: str, system_prompt: str | None,
                  columns: dict[str, str] | None = None,
                  data_file: Path | None = None) -> tuple[list[Conversation], list[str]]:
-    """Anything `datasets.load_dataset` reads: a Hub/cached dataset id, or a csv/parquet/arrow file."""
+    """Anything `datasets.load_dataset` reads: a Hub/cached dataset id, or a csv/parquet/arrow
+    file."""
     import datasets
 
     try:
@@ -312,7 +295,8 @@ def _collect_hub(name: str, fmt: str, system_prompt: str | None,
         if fmt in ("auto", "xlsx") and isinstance(rec, dict) and qcol in rec and acol in rec:
             # a table of questions and answers, read like the spreadsheet
             rec = {"instruction": rec[qcol], "output": rec[acol],
-                   "meta": {k: rec.get(columns[k]) for k in PROVENANCE_KEYS if columns.get(k) in rec}}
+                   "meta": {k: rec.get(columns[k]) for k in PROVENANCE_KEYS
+                            if columns.get(k) in rec}}
             c, probs = record_to_conversation(rec, "alpaca", where, system_prompt)
             probs = [x.replace("field instruction", f"column {qcol!r}")
                      .replace("field output", f"column {acol!r}") for x in probs]
@@ -347,15 +331,11 @@ def to_dataset(convs: list[Conversation]):
 
 
 def write_jsonl(convs: Iterable[Conversation], path: str | os.PathLike) -> Path:
-    """XTuner-form JSONL, one object per line, written atomically."""
+    """XTuner-form JSONL, one object per line, written atomically (convert/split commands;
+    a run's split goes through `Run.write_split`)."""
     lines = [json.dumps(c.to_xtuner(), ensure_ascii=False) for c in convs]
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
     return Path(path)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[Conversation]:
-    """Read a JSONL file this module wrote (or any supported JSON form)."""
-    return load_conversations(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,55 +393,77 @@ def dataset_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# Commands
+
+DataFormat = Literal["auto", "xlsx", "xtuner", "openai", "alpaca"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def check_dataset_command(file: str, *, format: DataFormat = "auto", sheet: str = "DrugQA",
+                          system_prompt: str | None = None) -> int:
+    """Check a dataset file and list every problem with its file and row or line.
 
-    ap = argparse.ArgumentParser(prog="python -m training.data", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("convert", "split", "check"):
-        sp = sub.add_parser(name)
-        sp.add_argument("data")
-        sp.add_argument("--format", default="auto")
-        sp.add_argument("--sheet", default="DrugQA")
-        sp.add_argument("--system-prompt")
-        if name == "convert":
-            sp.add_argument("-o", "--output", required=True)
-        if name == "split":
-            sp.add_argument("-o", "--output-dir", required=True)
-            sp.add_argument("--test-size", type=float, default=0.3)
-            sp.add_argument("--val-size", type=float, default=0.0)
-            sp.add_argument("--seed", type=int, default=42)
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "check":
-            convs, problems = collect(args.data, args.format, args.sheet, None, args.system_prompt)
-            for p in problems:
-                print(p)
-            print(f"{args.data}: {len(convs)} usable conversations, {len(problems)} problems")
-            if not convs and not problems:
-                print(f"{args.data}: the dataset is empty")
-                return 1
-            return 1 if problems else 0
-        convs = load_conversations(args.data, args.format, args.sheet, None, args.system_prompt)
-        if args.cmd == "convert":
-            write_jsonl(convs, args.output)
-            print(f"wrote {len(convs)} conversations to {args.output}")
-        else:
-            sp = split_conversations(convs, args.test_size, args.val_size, args.seed)
-            out = Path(args.output_dir)
-            for part, items in (("train", sp.train), ("test", sp.test), ("val", sp.val)):
-                if items:
-                    write_jsonl(items, out / f"{part}.jsonl")
-            print(json.dumps(sp.sizes()))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    Exits with 0 when every record is usable, 1 when there are problems (or no records).
+
+    Args:
+        file: spreadsheet (.xlsx), JSON/JSONL, CSV/Parquet file or Hub dataset id
+        format: record format (auto detects it per record)
+        sheet: spreadsheet sheet name
+        system_prompt: system prompt for records without one (default: medchat's)
+    """
+    convs, problems = collect(file, format, sheet, None, system_prompt)
+    for p in problems:
+        print(p)
+    print(f"{file}: {len(convs)} usable conversations, {len(problems)} problems")
+    if not convs and not problems:
+        print(f"{file}: the dataset is empty")
+        return 1
+    return 1 if problems else 0
+
+
+def convert_dataset_command(file: str, *, output: Annotated[str, Opt("-o", "--output")],
+                            format: DataFormat = "auto", sheet: str = "DrugQA",
+                            system_prompt: str | None = None) -> int:
+    """Convert a dataset to XTuner-form JSONL (one conversation per line, with provenance).
+
+    Nothing is written when the dataset has a problem (run check-dataset to list them all).
+
+    Args:
+        file: spreadsheet (.xlsx), JSON/JSONL, CSV/Parquet file or Hub dataset id
+        output: JSONL file to write
+        format: record format (auto detects it per record)
+        sheet: spreadsheet sheet name
+        system_prompt: system prompt for records without one (default: medchat's)
+    """
+    convs = load_conversations(file, format, sheet, None, system_prompt)
+    write_jsonl(convs, output)
+    print(f"wrote {len(convs)} conversations to {output}")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def split_dataset_command(file: str, *, output_dir: Annotated[str, Opt("-o", "--output-dir")],
+                          test_size: float = 0.3, val_size: float = 0.0, seed: int = 42,
+                          format: DataFormat = "auto", sheet: str = "DrugQA",
+                          system_prompt: str | None = None) -> int:
+    """Split a dataset into train/test(/val) JSONL files, no question on two sides.
+
+    The split is the one training makes: grouped by normalised question, stratified by
+    question type, deterministic for a seed. Prints the sizes as JSON.
+
+    Args:
+        file: spreadsheet (.xlsx), JSON/JSONL, CSV/Parquet file or Hub dataset id
+        output_dir: folder for train.jsonl, test.jsonl (and val.jsonl)
+        test_size: share of questions held out for testing
+        val_size: share of questions for a validation part (0 = none)
+        seed: split seed (same seed, same split)
+        format: record format (auto detects it per record)
+        sheet: spreadsheet sheet name
+        system_prompt: system prompt for records without one (default: medchat's)
+    """
+    convs = load_conversations(file, format, sheet, None, system_prompt)
+    sp = split_conversations(convs, test_size, val_size, seed)
+    out = Path(output_dir)
+    for part, items in (("train", sp.train), ("test", sp.test), ("val", sp.val)):
+        if items:
+            write_jsonl(items, out / f"{part}.jsonl")
+    print(json.dumps(sp.sizes()))
+    return 0

@@ -3,62 +3,47 @@ assistant answers (and their end-of-turn token), and samples are packed into row
 `max_length` whose position ids restart per sample. With position ids that restart and no
 2D attention mask, transformers builds a block-diagonal causal mask, so packed samples never
 attend to each other (checked in tests: logits packed == logits alone).
+
+How a conversation is rendered (the chat template, the prompt chat feeds the model, where an
+answer ends) lives in medchat.chat_format, shared with the chat side; this module adds what
+only training needs: answer masks, packing, the collator.
+
+    medchat log-dataset FILE [-n 3]     # samples as rendered, trained tokens in [[ ]]
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from medchat.base_model import resolve_base_model
+from medchat.chat_format import end_of_turn_token, ensure_chat_template, prompt_ids, render
+from medchat.command_line import Opt
+from medchat.errors import UserError
+from training.config import DEFAULT_PRESET, build_config
+from training.data import load_conversations, to_dataset
+
+# torch and transformers are imported in functions: the command line imports this module for
+# log-dataset's parser, and those libraries take seconds to import.
 
 IGNORE = -100
 
-# For base models whose tokenizer has no template: ChatML, the format SmolLM2/Qwen use.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
-
-class EncodingError(ValueError):
-    pass
-
-
-def ensure_chat_template(tokenizer) -> str:
-    """The template training and chat will share (the tokenizer's own, else ChatML)."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.chat_template
-
-
-def end_of_turn_token(tokenizer) -> str:
-    return tokenizer.eos_token or "<|im_end|>"
-
-
-def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
-
-
-def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """What the chat side feeds the model for the next answer (same template as training)."""
-    text = _render(tokenizer, messages, generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+class EncodingError(UserError, ValueError):
+    """A chat template that training cannot mask answers with; the message says why."""
 
 
 def answer_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation; return (text, [(start, end) char span of each trained answer])."""
-    full = _render(tokenizer, messages)
+    full = render(tokenizer, messages)
     eot = end_of_turn_token(tokenizer)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
-        upto = _render(tokenizer, messages[:i + 1])
+        prefix = render(tokenizer, messages[:i], generation_prompt=True)
+        upto = render(tokenizer, messages[:i + 1])
         if not full.startswith(prefix) or not full.startswith(upto):
             raise EncodingError("the chat template does not render conversations as prefixes of "
                                 "each other; answers cannot be located for loss masking")
@@ -101,8 +86,6 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]], max_length: i
 
 def encode_all(tokenizer, conversations, max_length: int, truncation: str = "truncate"):
     """Encode a list of Conversations through `datasets.Dataset.map`; returns (rows, stats)."""
-    from training.data import to_dataset
-
     ds = to_dataset(conversations)
 
     def fn(batch):
@@ -111,7 +94,8 @@ def encode_all(tokenizer, conversations, max_length: int, truncation: str = "tru
             r = encode_conversation(tokenizer, msgs, max_length, truncation)
             out["input_ids"].append(r["input_ids"] if r else [])
             out["labels"].append(r["labels"] if r else [])
-            out["status"].append("dropped" if r is None else "truncated" if r["truncated"] else "ok")
+            status = "dropped" if r is None else "truncated" if r["truncated"] else "ok"
+            out["status"].append(status)
         return out
 
     ds = ds.map(fn, batched=True, remove_columns=["messages"], desc="Tokenizing",
@@ -214,7 +198,8 @@ def check_prompt_alignment(tokenizer, messages: list[dict[str, str]]) -> dict[st
         if m["role"] != "assistant":
             continue
         p = prompt_ids(tokenizer, messages[:i])
-        first_label = next((j for j in range(len(p), len(full)) if enc and enc["labels"][j] != IGNORE), None)
+        first_label = next((j for j in range(len(p), len(full))
+                            if enc and enc["labels"][j] != IGNORE), None)
         results.append({"turn": i, "prompt_len": len(p), "prefix_equal": full[:len(p)] == p,
                         "labels_start_at_prompt_end": first_label == len(p)})
     ok = all(r["prefix_equal"] and r["labels_start_at_prompt_end"] for r in results)
@@ -238,3 +223,37 @@ def render_marked(tokenizer, messages: list[dict[str, str]], max_length: int = 1
     if in_span:
         out.append("]]")
     return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command
+
+
+def log_dataset_command(file: str, *, n: Annotated[int, Opt("-n")] = 3, model: str | None = None,
+                        preset: Annotated[str, Opt("--preset", "--config")] = DEFAULT_PRESET,
+                        ) -> int:
+    """Show dataset samples as the model is trained on them, trained tokens in [[ ]].
+
+    Each sample is rendered with the tokenizer's chat template and cut at the preset's
+    data.max_length, then checked token by token: the prompt chat builds must equal the
+    training prefix of every answer.
+
+    Args:
+        file: dataset file (any format check-dataset reads)
+        n: samples to show
+        model: tokenizer of this model (Hub id or folder; default: the preset's base model)
+        preset: preset whose base model and data.max_length to use
+    """
+    from transformers import AutoTokenizer
+
+    cfg = build_config(preset)
+    convs = load_conversations(file)
+    tok = AutoTokenizer.from_pretrained(resolve_base_model(model or cfg.model.name).path)
+    ensure_chat_template(tok)
+    for c in convs[:n]:
+        print(f"--- {c.meta.get('source')} row {c.meta.get('row')} "
+              f"({c.meta.get('question_type', '')}) --- trained tokens in [[ ]]")
+        print(render_marked(tok, c.messages, cfg.data.max_length))
+        align = check_prompt_alignment(tok, c.messages)
+        print(f"--- chat prompt == training prefix (token ids): {align['ok']}")
+    return 0

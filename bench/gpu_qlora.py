@@ -455,7 +455,7 @@ def phase_decode(spec: Spec, out: dict, flush) -> None:
         load_s = time.perf_counter() - t0
         texts, tokens, gen_s, first_s, decode_s = [], 0, 0.0, [], 0.0
         for q in questions:
-            s = engine.stream(model_id, q, settings=greedy)
+            s = engine.stream_turn(model_id, q, settings=greedy)
             text = s.result()
             end = time.perf_counter() - s.started
             texts.append(text)

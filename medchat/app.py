@@ -31,7 +31,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry / ver
 import gradio as gr  # noqa: E402
 
 from medchat.base_model import looks_like_repo_id  # noqa: E402
-from medchat.engine import (Engine, EngineError, GenerationSettings, SettingsError,  # noqa: E402
+from medchat.engine import (Engine, BackendError, GenerationSettings, SettingsError,  # noqa: E402
                             Stream)
 from medchat.registry import BASE_ID, Registry, UnknownModelError  # noqa: E402
 
@@ -48,7 +48,7 @@ CSS = """
 """
 
 # Errors a request can cause; shown to the user as they are.
-REQUEST_ERRORS = (UnknownModelError, EngineError, SettingsError)
+REQUEST_ERRORS = (UnknownModelError, BackendError, SettingsError)
 
 # pull(repo_id, revision=..., runs_dir=...) -> the run folder it wrote (hub.pull.pull)
 PullFunction = Callable[..., "str | os.PathLike"]
@@ -130,7 +130,7 @@ class Handlers:
         try:
             entry = self.registry.get(model)
             settings = _settings(*settings, defaults=entry.generation)
-            return self.engine.stream(model, message, history, system, settings, owner=owner)
+            return self.engine.stream_turn(model, message, history, system, settings, owner=owner)
         except REQUEST_ERRORS as e:
             raise gr.Error(str(e)) from None
 
@@ -172,7 +172,7 @@ class Handlers:
                 for piece in stream.batched(self.interval):
                     _append(history, piece)
                     yield history, "", ""
-            except EngineError as e:
+            except BackendError as e:
                 raise gr.Error(str(e)) from None
             finally:
                 stream.cancel()  # no-op when finished; stops generation when the client went away
@@ -207,7 +207,7 @@ class Handlers:
                 for i, piece in merge_streams(streams, self.interval):
                     _append(hists[i], piece)
                     yield hists[0], hists[1], "", ""
-            except EngineError as e:
+            except BackendError as e:
                 raise gr.Error(str(e)) from None
             yield hists[0], hists[1], "", " | ".join(_status(s) for s in streams)
 
@@ -229,7 +229,7 @@ class Handlers:
             try:
                 for _ in stream.batched(self.interval):
                     yield stream.text
-            except EngineError as e:
+            except BackendError as e:
                 raise gr.Error(str(e)) from None
             finally:
                 stream.cancel()

@@ -35,16 +35,11 @@ from typing import Any, Iterator
 
 from medchat import lora_routing
 from medchat.chat_format import ensure_chat_template
-from medchat.errors import UserError
+from medchat.backend import BackendError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer says
-
-
-class EngineError(UserError, RuntimeError):
-    """A request that cannot be served (a model that does not load, an adapter that does not
-    fit or cannot be routed, a message too long...); the message says why and what to do."""
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -186,7 +181,7 @@ class ModelCache:
                     loaded.peft.load_adapter(str(path), adapter_name=name, is_trainable=False,
                                              low_cpu_mem_usage=True)
             except (OSError, ValueError, RuntimeError, KeyError) as e:
-                raise EngineError(
+                raise BackendError(
                     f"{path}: the adapter does not fit the base model {loaded.key} "
                     f"({type(e).__name__}: {_first_line(e)}); was it trained on this base? Its "
                     f"manifest names {trained_on}") from e
@@ -226,7 +221,7 @@ class ModelCache:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=self.dtype, trust_remote_code=False, use_safetensors=True)
         except (OSError, ValueError) as e:
-            raise EngineError(f"{folder}: cannot load the model ({type(e).__name__}: "
+            raise BackendError(f"{folder}: cannot load the model ({type(e).__name__}: "
                               f"{_first_line(e)})") from e
         model.to(self.device).eval()
         ctx = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
@@ -243,10 +238,10 @@ def check_adapter(path: Path) -> None:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise EngineError(f"{cfg_path}: unreadable ({e}); re-save the adapter") from e
+        raise BackendError(f"{cfg_path}: unreadable ({e}); re-save the adapter") from e
     reason = lora_routing.unsupported_reason(cfg if isinstance(cfg, dict) else {})
     if reason:
-        raise EngineError(f"{cfg_path}: {reason}")
+        raise BackendError(f"{cfg_path}: {reason}")
 
 
 def _weights_signature(folder: Path) -> tuple:

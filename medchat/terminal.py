@@ -15,7 +15,7 @@ from typing import Annotated
 
 from medchat.base_model import DEFAULT_BASE_MODEL, resolve_base_model
 from medchat.command_line import Opt, call
-from medchat.engine import Engine, EngineError, GenerationSettings, SettingsError
+from medchat.engine import Engine, BackendError, GenerationSettings, SettingsError
 from medchat.registry import BASE_ID, Registry
 
 COMMANDS = "/reset clears the conversation, /exit quits, Ctrl-C stops an answer"
@@ -92,8 +92,8 @@ def _answer(engine: Engine, model: str, message: str, history: list[dict[str, st
             system: str | None, settings: GenerationSettings) -> str | None:
     """Stream one answer to stdout; its text, or None when it failed (reported on stderr)."""
     try:
-        stream = engine.stream(model, message, history, system, settings)
-    except (EngineError, SettingsError) as e:
+        stream = engine.stream_turn(model, message, history, system, settings)
+    except (BackendError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
     for notice in stream.notices:
@@ -106,7 +106,7 @@ def _answer(engine: Engine, model: str, message: str, history: list[dict[str, st
         stream.cancel()
         stream.result()  # drain what was already generated
         print("\n(stopped)", file=sys.stderr)
-    except EngineError as e:
+    except BackendError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return None
     sys.stdout.write("\n")

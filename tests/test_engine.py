@@ -10,7 +10,7 @@ import time
 import pytest
 
 from medchat import terminal
-from medchat.engine import Engine, EngineError, GenerationSettings, SettingsError
+from medchat.engine import Engine, BackendError, GenerationSettings, SettingsError
 from medchat.registry import Registry, UnknownModelError
 from medchat.run_folder import Run
 from tests.support.chat_runs import QUESTIONS, build_runs, make_adapter, reference_answer
@@ -82,14 +82,14 @@ def test_seed_makes_sampling_reproducible(engine):
 
     a, b, c = (engine.chat("adapter:r1", QUESTIONS[2], settings=s(x)) for x in (7, 7, 8))
     assert a == b and a != c
-    stream = engine.stream("adapter:r1", QUESTIONS[2], settings=s())
+    stream = engine.stream_turn("adapter:r1", QUESTIONS[2], settings=s())
     stream.result()
     assert isinstance(stream.seed, int)  # a random seed is chosen and reported back
     assert engine.chat("adapter:r1", QUESTIONS[2], settings=s(stream.seed)) == stream.text
 
 
 def test_streams_pieces_in_order(engine):
-    stream = engine.stream("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=60))
+    stream = engine.stream_turn("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=60))
     pieces = list(stream)
     assert len(pieces) > 5 and "".join(pieces) == stream.text
     assert stream.finish_reason in ("length", "stop") and stream.new_tokens > 0
@@ -97,7 +97,7 @@ def test_streams_pieces_in_order(engine):
 
 
 def test_cancel_stops_promptly_and_frees_the_slot(engine):
-    stream = engine.stream("adapter:r0", QUESTIONS[0], owner="me",
+    stream = engine.stream_turn("adapter:r0", QUESTIONS[0], owner="me",
                            settings=greedy(max_new_tokens=900))
     it = iter(stream)
     next(it)
@@ -116,7 +116,7 @@ def test_stop_tokens_come_from_the_manifest(engine, runs, tiny_model_dir, tmp_pa
     """A run whose manifest lists an extra stop token stops there (and says 'stop')."""
     from transformers import AutoTokenizer
 
-    full = engine.stream("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=30))
+    full = engine.stream_turn("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=30))
     full.result()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok(full.text, add_special_tokens=False)["input_ids"]
@@ -128,7 +128,7 @@ def test_stop_tokens_come_from_the_manifest(engine, runs, tiny_model_dir, tmp_pa
     stopper.update_manifest(chat=dataclasses.replace(chat, stop_tokens=["<|im_end|>", stop]))
     reg = Registry(root, base_name=str(tiny_model_dir), base_path=tiny_model_dir)
     eng = Engine(reg, device="cpu")
-    s = eng.stream("adapter:stopper", QUESTIONS[0], settings=greedy(max_new_tokens=30))
+    s = eng.stream_turn("adapter:stopper", QUESTIONS[0], settings=greedy(max_new_tokens=30))
     text = s.result()
     assert s.finish_reason == "stop" and s.new_tokens <= 7
     assert full.text.startswith(text) and len(text) < len(full.text)
@@ -141,19 +141,19 @@ def test_history_is_trimmed_oldest_first_with_a_notice(runs, tiny_model_dir):
     for i in range(6):
         history += [{"role": "user", "content": f"old question {i} " + "aspirin dose " * 4},
                     {"role": "assistant", "content": [{"type": "text", "text": f"answer {i}"}]}]
-    s = eng.stream("adapter:r0", "What is aspirin used for?", history=history,
+    s = eng.stream_turn("adapter:r0", "What is aspirin used for?", history=history,
                    settings=greedy(max_new_tokens=40))
     s.result()
     assert len(s.notices) == 1 and "oldest exchange" in s.notices[0]
     dropped = int(s.notices[0].split("the ")[1].split(" oldest")[0])
     assert 0 < dropped < 6 and s.prompt_tokens + 40 <= 300
     # what was kept is exactly the newest exchanges: the same prompt as sending only those
-    kept = eng.stream("adapter:r0", "What is aspirin used for?", history=history[2 * dropped:],
+    kept = eng.stream_turn("adapter:r0", "What is aspirin used for?", history=history[2 * dropped:],
                       settings=greedy(max_new_tokens=40))
     assert kept.result() == s.text and kept.notices == [] and kept.prompt_tokens == s.prompt_tokens
-    with pytest.raises(EngineError, match="too long"):
-        eng.stream("adapter:r0", "aspirin " * 400, settings=greedy())
-    capped = eng.stream("adapter:r0", "aspirin " * 40, settings=greedy(max_new_tokens=250))
+    with pytest.raises(BackendError, match="too long"):
+        eng.stream_turn("adapter:r0", "aspirin " * 400, settings=greedy())
+    capped = eng.stream_turn("adapter:r0", "aspirin " * 40, settings=greedy(max_new_tokens=250))
     capped.result()
     assert any("limited to" in n for n in capped.notices)
     assert capped.prompt_tokens + capped.new_tokens <= 300
@@ -161,11 +161,11 @@ def test_history_is_trimmed_oldest_first_with_a_notice(runs, tiny_model_dir):
 
 def test_bad_requests_are_refused_clearly(engine):
     with pytest.raises(UnknownModelError):
-        engine.stream("/tmp/some/model", "hi")
-    with pytest.raises(EngineError, match="empty"):
-        engine.stream("base", "   ")
+        engine.stream_turn("/tmp/some/model", "hi")
+    with pytest.raises(BackendError, match="empty"):
+        engine.stream_turn("base", "   ")
     with pytest.raises(SettingsError, match="temperature"):
-        engine.stream("base", "hi", settings=GenerationSettings(temperature=-1))
+        engine.stream_turn("base", "hi", settings=GenerationSettings(temperature=-1))
     with pytest.raises(SettingsError, match="top_p"):
         GenerationSettings(top_p=0).checked()
     with pytest.raises(SettingsError, match="max_new_tokens"):
@@ -227,8 +227,8 @@ def test_retrained_adapter_is_reloaded_and_dora_is_refused(runs, tiny_model_dir,
     second = eng.chat("adapter:x", QUESTIONS[0], settings=greedy())
     assert second != first
     assert second == reference_answer(tiny_model_dir, QUESTIONS[0], root / "x" / "adapter", 24)
-    with pytest.raises(EngineError, match="DoRA"):
-        eng.stream("adapter:dora", QUESTIONS[0])
+    with pytest.raises(BackendError, match="DoRA"):
+        eng.stream_turn("adapter:dora", QUESTIONS[0])
 
 
 def test_terminal_chat_streams_answers_and_resets(runs, tiny_model_dir, monkeypatch, capsys):
@@ -253,11 +253,11 @@ def test_terminal_chat_streams_answers_and_resets(runs, tiny_model_dir, monkeypa
 
 
 def test_batched_joins_pieces_but_passes_the_first_at_once(engine):
-    plain = engine.stream("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
+    plain = engine.stream_turn("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
     pieces = list(plain)
     assert len(pieces) > 3
-    joined = engine.stream("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
+    joined = engine.stream_turn("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
     got = list(joined.batched(interval=30.0))  # longer than the generation: first + the rest
     assert got == [pieces[0], "".join(pieces[1:])] and joined.text == plain.text
-    fine = engine.stream("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
+    fine = engine.stream_turn("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
     assert "".join(fine.batched(interval=0.0)) == plain.text

@@ -4,7 +4,8 @@ run's typed manifest (medchat.json).
     medchat card RUN [--merged] [--repo owner/name]   # print the card push would upload
 
 The metadata block carries what the Hub indexes: base_model (always a Hub id, never a local
-path), library_name (peft for adapters, transformers for merged models), pipeline_tag, datasets,
+path), library_name (peft for adapters, transformers for merged models, gguf for a GGUF
+export), pipeline_tag, datasets,
 license, tags and, when there are scores, model-index eval results. Scores come from the
 manifest's metrics (one schema for base, adapter and merged, whoever measured them). The body
 says how to load the model (adapter and merged), how it was trained, how it scored, what it is
@@ -24,6 +25,7 @@ from typing import Any
 # this module stays cheap for the CLI.
 import huggingface_hub
 
+from hub.local_paths import scrub_local_paths
 from medchat.base_model import looks_like_repo_id
 from medchat.errors import UserError
 from medchat.run_folder import MODEL_KINDS, Manifest, ModelScores, Run
@@ -151,7 +153,8 @@ class CardError(UserError, ValueError):
 
 
 def strip_local_paths(value: Any) -> Any:
-    """Absolute local paths -> their file name: what is published names no local folders."""
+    """Absolute local paths -> their file name, also inside longer text: what is published
+    names no local folders."""
     if isinstance(value, dict):
         return {k: strip_local_paths(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -159,6 +162,8 @@ def strip_local_paths(value: Any) -> Any:
     if isinstance(value, str) and "\n" not in value and (
             os.path.isabs(value) or value.startswith("~")):
         return Path(value).name
+    if isinstance(value, str):
+        return scrub_local_paths(value)
     return value
 
 
@@ -213,7 +218,25 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
 
 
-def eval_table(rows: Rows) -> str:
+def eval_changes(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """Each fine-tuned model's change from the base per score, with its paired bootstrap 95%
+    interval, as `medchat evaluate` recorded it (metrics.evaluation.changes)."""
+    changes = manifest.metrics.evaluation.get("changes")
+    return changes if isinstance(changes, dict) else {}
+
+
+def _change(iv: Any) -> str:
+    """'-0.251 [-0.28, -0.222]*' (* : the interval excludes 0)."""
+    if not isinstance(iv, dict) or not all(isinstance(iv.get(k), (int, float))
+                                           for k in ("delta", "low", "high")):
+        return "–"
+    text = f"{iv['delta']:+.3g} [{iv['low']:+.3g}, {iv['high']:+.3g}]"
+    return text + ("*" if iv.get("significant") else "")
+
+
+def eval_table(rows: Rows, changes: dict[str, dict[str, Any]] | None = None) -> str:
+    """Scores per model, then a row per fine-tuned model with its change from the base and
+    the 95% interval of that change (when the evaluation measured them)."""
     if not rows:
         return ""
     metrics: list[str] = []
@@ -224,6 +247,10 @@ def eval_table(rows: Rows) -> str:
     for name, nums in rows:
         lines.append(f"| {name} | " + " | ".join(_fmt(nums[m]) if m in nums else "–"
                                                  for m in metrics) + " |")
+    for kind, ivs in (changes or {}).items():
+        if isinstance(ivs, dict) and any(m in ivs for m in metrics):
+            lines.append(f"| {kind} - base, 95% CI | "
+                         + " | ".join(_change(ivs.get(m)) for m in metrics) + " |")
     return "\n".join(lines)
 
 
@@ -330,9 +357,13 @@ def build_card(manifest: Manifest, repo_id: str, kind: str = "adapter",
         details.append("Split sizes: " + ", ".join(f"{k} {v}" for k, v in ds.sizes.items()))
     if ds.seed is not None:
         details.append(f"Split seed: {ds.seed} (same seed, same split; no question in both)")
-    table = eval_table(eval_rows(manifest))
+    changes = eval_changes(manifest)
+    table = eval_table(eval_rows(manifest), changes)
     eval_section = (table + "\n\nHeld-out test split of the training data; lower loss/perplexity"
-                    " and higher ROUGE/BLEU/F1 are better." if table else
+                    " and higher ROUGE/BLEU/F1 are better." + (
+                        " Changes from the base come with a paired bootstrap 95% interval over "
+                        "questions; * marks those whose interval excludes 0." if changes else "")
+                    if table else
                     "No evaluation results were recorded for this run (`medchat evaluate RUN`).")
     gen = dataclasses.asdict(manifest.chat.generation)
     training_cfg = strip_local_paths(manifest.training.config)
@@ -349,6 +380,117 @@ def build_card(manifest: Manifest, repo_id: str, kind: str = "adapter",
         training_config=json.dumps(training_cfg, indent=2, default=str, ensure_ascii=False),
         eval_section=eval_section, eval_file=eval_file,
         **_snippets(repo_id, base, manifest.chat.system_prompt, gen))
+
+
+GGUF_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ summary }}
+
+> {{ not_medical_advice }}
+
+## Files
+
+| file | size | what |
+|---|---:|---|
+{%- for f in files %}
+| `{{ f.name }}` | {{ f.size }} | {{ f.what }} |
+{%- endfor %}
+
+Weights: GGUF `{{ gguf_type }}`, converted with llama.cpp's own converters
+({{ converter }}). The GGUF embeds the run's chat template, its stop tokens as end-of-generation
+tokens and its sampling defaults; before the export was declared done each file was read back
+and checked against the run: {{ checks }}.
+
+## How to run
+
+Straight from the Hub with Ollama (it reads `template`, `system` and `params` here):
+
+```bash
+ollama run hf.co/{{ repo_id }}
+```
+
+Or download the repository (`hf download {{ repo_id }} --local-dir {{ local_dir }}`) and, in
+that folder:
+
+{{ usage }}
+
+Generation defaults: {{ generation }}.
+
+## Training
+
+- Base model: `{{ base_model }}`
+- Data: {{ dataset_line }}
+{%- for line in training_details %}
+- {{ line }}
+{%- endfor %}
+
+## Evaluation
+
+{{ eval_section }}
+
+## Limitations
+
+{{ not_medical_advice }}
+
+_Card generated by medchat from the run manifest and its GGUF export record (`export.json`)._
+"""
+GGUF_ROLES = {"model": "the fine-tuned model (LoRA merged)", "base": "the base model",
+              "lora": "the LoRA adapter, for llama.cpp `--lora` / Ollama `ADAPTER`"}
+
+
+def build_gguf_card(manifest: Manifest, repo_id: str, record: dict[str, Any], usage: str,
+                    base_model: str | None = None, datasets: list[str] | None = None,
+                    license: str | None = None) -> "huggingface_hub.ModelCard":  # noqa: A002
+    """The card of a GGUF repo (`medchat push --gguf`): library gguf, the quantization, the
+    files and their checks (`record` is the export's export.json) and how to run them
+    (`usage`: the export's README without its title)."""
+    base = base_model_id(manifest, base_model)
+    ds_ids = dataset_ids(manifest, datasets)
+    lic = license_for(base, license)
+    other = {"license_name": "same-as-base-model", "license_link": f"https://huggingface.co/{base}"}
+    gguf_type = str(record.get("type", "?"))
+    data = huggingface_hub.ModelCardData(
+        base_model=base, library_name="gguf", pipeline_tag="text-generation",
+        datasets=ds_ids or None, license=lic, **(other if lic == "other" else {}),
+        language=["en"], model_name=repo_id.split("/")[-1],
+        tags=["medchat", "medical", "medication-qa", "chat", "gguf", "llama.cpp", "ollama",
+              gguf_type])
+    files = [{"name": f["name"], "size": f"{f['bytes'] / 1e6:.1f} MB",
+              "what": GGUF_ROLES.get(f.get("role", ""), "")} for f in record.get("files", [])]
+    files += [{"name": n, "size": "", "what": w} for n, w in (
+        ("Modelfile", "Ollama: `ollama create NAME -f Modelfile`"),
+        ("template", "the chat template in Ollama's Go-template form"),
+        ("system", "the system prompt"), ("params", "stop tokens and sampling (JSON)"),
+        ("chat_template.jinja", "the chat template (Jinja), for `--chat-template-file`"),
+        ("export.json", "what was exported and every check"))]
+    checks = [c["name"] for cs in (record.get("checks") or {}).values() for c in cs]
+    ollama = record.get("ollama_template") or {}
+    check_text = (", ".join(dict.fromkeys(checks)) or "none recorded") + (
+        f"; the Ollama template renders {ollama['conversations_checked']} conversations exactly "
+        "like the Jinja one" if ollama.get("conversations_checked") else "")
+    table = eval_table(eval_rows(manifest))
+    ds = manifest.dataset
+    dataset_line = (f"[{ds_ids[0]}](https://huggingface.co/datasets/{ds_ids[0]})" if ds_ids
+                    else "a local question/answer file")
+    gen = dataclasses.asdict(manifest.chat.generation)
+    what = "LoRA adapter and base model" if record.get("adapter_only") else "model"
+    return huggingface_hub.ModelCard.from_template(
+        data, template_str=GGUF_TEMPLATE, repo_id=repo_id, base_model=base,
+        title=f"{repo_id.split('/')[-1]}: GGUF {gguf_type} {what} of {base}",
+        summary=(f"`{base}` fine-tuned with LoRA on consumer medication questions and answers "
+                 f"by medchat run `{manifest.name}`, as GGUF for llama.cpp and Ollama."),
+        not_medical_advice=NOT_MEDICAL_ADVICE, files=files, gguf_type=gguf_type,
+        converter=(record.get("converter") or {}).get("package", "llama.cpp"),
+        checks=check_text, usage=usage.strip().replace("\n## ", "\n### "),
+        local_dir=repo_id.split("/")[-1], dataset_line=dataset_line,
+        training_details=_training_lines(manifest) + ([f"Split sizes: {ds.sizes}"]
+                                                      if ds.sizes else []),
+        generation=", ".join(f"{k}={v}" for k, v in gen.items()),
+        eval_section=table or "No evaluation results were recorded for this run.")
 
 
 def card_command(run: str, *, merged: bool = False, repo: str | None = None,

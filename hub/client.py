@@ -144,8 +144,9 @@ def _request_path(err: BaseException) -> str:
 
 
 def explain(err: BaseException, what: str, repo_id: str | None = None,
-            user: str | None = None) -> HubError:
-    """A HubError that says what went wrong, where, and what to do."""
+            user: str | None = None, anonymous: bool = False) -> HubError:
+    """A HubError that says what went wrong, where, and what to do (`anonymous`: the request
+    was sent without any token on purpose, e.g. a pull made for a visitor of the app)."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     endpoint = hub_endpoint()
@@ -161,6 +162,12 @@ def explain(err: BaseException, what: str, repo_id: str | None = None,
         status = cause.response.status_code
         server = (cause.server_message or "").strip().splitlines()
         detail = f": {server[0]}" if server else ""
+        if status in (401, 403) and anonymous:
+            return HubError(f"'{repo_id}' on {endpoint} is private, gated or does not exist "
+                            f"({status}) when trying to {what}: this pull is anonymous (it never "
+                            "sends the operator's token), so only public repos can be pulled "
+                            f"this way; the operator can run `medchat pull {repo_id}` with a "
+                            "token that has access")
         if status == 401 and not _has_token():
             return HubError(f"'{repo_id}' on {endpoint} needs a token (401 Unauthorized) to "
                             f"{what}: it is private, gated or does not exist. Check the repo id, "
@@ -193,9 +200,11 @@ def explain(err: BaseException, what: str, repo_id: str | None = None,
 
 
 def hub_call(what: str, fn: Callable[..., T], *args: Any, repo_id: str | None = None,
-             user: str | None = None, retry_all: bool = False, **kwargs: Any) -> T:
+             user: str | None = None, retry_all: bool = False, anonymous: bool = False,
+             **kwargs: Any) -> T:
     """Call huggingface_hub; retry what it does not retry itself (everything transient when
-    `retry_all`, for idempotent calls like a whole download); turn failures into HubError."""
+    `retry_all`, for idempotent calls like a whole download); turn failures into HubError
+    (`anonymous`: the call sends no token on purpose, which the explanation says)."""
     attempt = 0
     while True:
         try:
@@ -219,15 +228,16 @@ def hub_call(what: str, fn: Callable[..., T], *args: Any, repo_id: str | None = 
                             RETRIES)
                 time.sleep(wait)
                 continue
-            raise explain(e, what, repo_id, user) from None
+            raise explain(e, what, repo_id, user, anonymous) from None
 
 
 # ---------------------------------------------------------------------------------------------
 # Sessions and commits
 
 
-def hub_api(token: str | None = None) -> "huggingface_hub.HfApi":
-    """An HfApi on the configured endpoint (no request is sent)."""
+def hub_api(token: str | bool | None = None) -> "huggingface_hub.HfApi":
+    """An HfApi on the configured endpoint (no request is sent); token=False sends none, not
+    even the stored login."""
     return huggingface_hub.HfApi(endpoint=hub_endpoint(), token=token)
 
 

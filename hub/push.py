@@ -8,7 +8,8 @@ commit) is hub.client. What goes up: the weights, configs, tokenizer and chat te
 run's adapter (or merged model with --merged), a model card (README.md, see hub/card.py), the
 manifest (medchat.json, local paths removed) and the run's evaluation results. Checkpoints,
 optimizer/scheduler states, logs, .env files and anything that looks like a token never do; a
-file whose text contains a Hugging Face token stops the push.
+file whose text contains a Hugging Face token stops the push, and so does one that names a local
+path, unless medchat can rewrite it without (hub/local_paths.py: configs, manifest, eval.json).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from hub.card import CardError, base_model_id, build_card, strip_local_paths
+from hub.card import CardError, base_model_id, build_card, build_gguf_card, strip_local_paths
 from hub.client import (HubError, PlannedFile, commit_files, connect, human_size,
                         require_repo_id, resolve_token)
+from hub.local_paths import local_paths_in, machine_paths, public_file
 from medchat.command_line import Opt
 from medchat.run_folder import MANIFEST_NAME, Manifest, ManifestError, Run, SourceRecord
 
@@ -164,8 +166,14 @@ def _check_eval_file(run: Run) -> None:
 
 def plan_push(run_ref: str | os.PathLike | Run, repo_id: str, merged: bool = False,
               base_model: str | None = None, datasets: list[str] | None = None,
-              license: str | None = None, token: str | None = None) -> PushPlan:  # noqa: A002
+              license: str | None = None, token: str | None = None,  # noqa: A002
+              gguf: bool = False) -> PushPlan:
     """Decide every file of the commit (and its bytes, for generated ones) without any network."""
+    if gguf:
+        if merged:
+            raise HubError("--gguf pushes the GGUF export (made from the merged model); "
+                           "leave out --merged")
+        return plan_gguf_push(run_ref, repo_id, base_model, datasets, license, token)
     require_repo_id(repo_id)
     try:
         run = Run.open(run_ref)
@@ -225,7 +233,87 @@ def plan_push(run_ref: str | os.PathLike | Run, repo_id: str, merged: bool = Fal
     for sub in (run.checkpoints_dir, run.logs_dir, run.data_dir):
         if sub.exists():
             skipped.append((f"{sub.name}/", "not part of a model repo"))
+    machine = machine_paths(run.path, run.path.parent, manifest.base_model.local_path)
+    files = [public_file(f, machine) for f in files]  # no local path goes up
     return PushPlan(run.path, repo_id, kind, files, skipped)
+
+
+# The export's files besides the GGUF weights (README.md is replaced by the card): the Ollama
+# Modelfile, what Ollama reads from a Hub repo (template, system, params), the Jinja template and
+# the export record. All written by `medchat export gguf` (training/export.py).
+GGUF_RECORD = "export.json"
+GGUF_SIDE_FILES = ("Modelfile", "template", "system", "params", "chat_template.jinja",
+                   GGUF_RECORD)
+
+
+def plan_gguf_push(run_ref: str | os.PathLike | Run, repo_id: str,
+                   base_model: str | None = None, datasets: list[str] | None = None,
+                   license: str | None = None, token: str | None = None  # noqa: A002
+                   ) -> PushPlan:
+    """The commit of a GGUF repo: the run's GGUF export (files as its export.json lists them,
+    unchanged since), its Modelfile and Ollama files, and a card with library_name gguf."""
+    require_repo_id(repo_id)
+    try:
+        run = Run.open(run_ref)
+        manifest = run.manifest()
+    except ManifestError as e:
+        raise HubError(str(e)) from e
+    folder, record_path = run.gguf_dir, run.gguf_dir / GGUF_RECORD
+    if not record_path.is_file():
+        raise HubError(f"{folder}: no GGUF export ({GGUF_RECORD} missing); run "
+                       f"`medchat export gguf {run.path}` first")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise HubError(f"{record_path}: line {e.lineno}: invalid JSON ({e.msg}); export again "
+                       "with `medchat export gguf RUN --overwrite`") from e
+    files: list[PlannedFile] = []
+    for entry in record.get("files") or []:
+        name = str(entry.get("name", ""))
+        path = folder / name
+        if Path(name).name != name or not name.endswith(".gguf") or not path.is_file():
+            raise HubError(f"{record_path}: lists {name!r}, which is not a .gguf file in "
+                           f"{folder}; export again with --overwrite")
+        if path.stat().st_size != entry.get("bytes"):
+            raise HubError(f"{path}: {path.stat().st_size} bytes, but the export wrote "
+                           f"{entry.get('bytes')}; it changed since it was checked: export "
+                           "again with --overwrite")
+        files.append(PlannedFile(name, path.stat().st_size, source=path,
+                                 note=f"GGUF {record.get('type')}, checked at export"))
+    if not files:
+        raise HubError(f"{record_path}: lists no GGUF file; export again with --overwrite")
+    readme = folder / CARD_NAME
+    usage = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    usage = usage.split("\n", 1)[-1] if usage.startswith("# ") else usage  # the card's title
+    try:
+        base = base_model_id(manifest, base_model)
+        card = build_gguf_card(manifest, repo_id, record, usage, base, datasets, license)
+    except CardError as e:
+        raise HubError(str(e)) from e
+    machine = machine_paths(run.path, run.path.parent, manifest.base_model.local_path)
+    card_bytes = str(card).encode("utf-8")
+    generated = [(PlannedFile(CARD_NAME, len(card_bytes), data=card_bytes,
+                              note="model card, generated"), "the generated card")]
+    for name in GGUF_SIDE_FILES:
+        if (folder / name).is_file():
+            generated.append((PlannedFile(name, (folder / name).stat().st_size,
+                                          source=folder / name),
+                              str(folder / name)))
+    for f, shown in generated:
+        data = f.data if f.data is not None else f.source.read_bytes()  # type: ignore[union-attr]
+        if TOKEN_TEXT.search(data) or (token and token.encode() in data):
+            raise HubError(f"{shown}: contains text that looks like a Hugging Face token (hf_…); "
+                           "remove it before pushing")
+        found = local_paths_in(data.decode("utf-8", "replace"), machine)
+        if found:
+            raise HubError(f"{shown}: names a local path ({found[0][:120]!r}); nothing "
+                           "published may point at files of this machine. Export again")
+    planned = {f.path_in_repo for f in files} | {f.path_in_repo for f, _ in generated}
+    skipped = [(f"{folder.name}/{p.name}", "replaced by the generated card" if p.name == CARD_NAME
+                else "not part of the export") for p in sorted(folder.iterdir())
+               if p.name not in planned]
+    return PushPlan(run.path, repo_id, "gguf", [generated[0][0]] + files
+                    + [f for f, _ in generated[1:]], skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,10 +324,10 @@ def push(run: str | os.PathLike | Run, repo_id: str, *, merged: bool = False,
          private: bool = False, revision: str | None = None, commit_message: str | None = None,
          base_model: str | None = None, datasets: list[str] | None = None,
          license: str | None = None, token: str | None = None,  # noqa: A002
-         dry_run: bool = False) -> PushResult | PushPlan:
+         dry_run: bool = False, gguf: bool = False) -> PushResult | PushPlan:
     """Push a run; returns the PushPlan for dry runs, else a PushResult."""
     tok = None if dry_run else resolve_token(token)
-    plan = plan_push(run, repo_id, merged, base_model, datasets, license, token=tok)
+    plan = plan_push(run, repo_id, merged, base_model, datasets, license, token=tok, gguf=gguf)
     if dry_run:
         return plan
     client, user = connect(tok)
@@ -253,14 +341,16 @@ def push_command(run: str, repo: str, *, merged: bool = False, private: bool = F
                  dry_run: bool = False, revision: str | None = None,
                  commit_message: str | None = None, base_model: str | None = None,
                  dataset: Annotated[list[str], Opt(metavar="ID")] = (),  # type: ignore[assignment]
-                 license: str | None = None) -> int:  # noqa: A002
+                 license: str | None = None, gguf: bool = False) -> int:  # noqa: A002
     """Push a run's adapter (or merged model) to a Hugging Face model repo, in one commit.
 
     What goes up: the weights, configs, tokenizer and chat template of the run's adapter (or its
     merged model with --merged), a generated model card (README.md), the manifest (medchat.json,
     local paths removed) and the evaluation results. Checkpoints, optimizer states, logs and
     secrets never do; a file holding a Hugging Face token stops the push. The token comes from
-    HF_TOKEN or the stored login (`hf auth login`); HF_ENDPOINT selects another Hub.
+    HF_TOKEN or the stored login (`hf auth login`); HF_ENDPOINT selects another Hub. With --gguf
+    the run's GGUF export goes up instead (`medchat export gguf RUN` first): its GGUF files, the
+    Ollama Modelfile and template/system/params files, and a card with library_name gguf.
 
     Args:
         run: run folder or run name under the runs root
@@ -273,10 +363,11 @@ def push_command(run: str, repo: str, *, merged: bool = False, private: bool = F
         base_model: Hub id of the base model, when the run used a local folder
         dataset: Hub dataset id for the card; repeat for several (default: from the manifest)
         license: card license (default: the base model's)
+        gguf: push the run's GGUF export (llama.cpp / Ollama) instead
     """
     out = push(run, repo, merged=merged, private=private, revision=revision,
                commit_message=commit_message, base_model=base_model,
-               datasets=list(dataset) or None, license=license, dry_run=dry_run)
+               datasets=list(dataset) or None, license=license, dry_run=dry_run, gguf=gguf)
     if isinstance(out, PushPlan):
         print(f"dry run: would push the {out.kind} of run '{out.run_dir.name}' to "
               f"{out.repo_id} in one commit\n{out.describe()}")

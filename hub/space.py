@@ -39,6 +39,7 @@ import huggingface_hub
 
 from hub.client import (HubError, PlannedFile, commit_files, connect, human_size, hub_endpoint,
                         require_repo_id)
+from hub.local_paths import machine_paths, public_file
 from medchat.base_model import DEFAULT_BASE_MODEL, looks_like_repo_id
 from medchat.run_folder import MANIFEST_NAME, atomic_write_text, staged_dir
 
@@ -322,6 +323,9 @@ def deploy_space(repo_id: str, models: str | list[str], base_model: str | None =
             return bundle, None
         files = [PlannedFile(f.as_posix(), (folder / f).stat().st_size, source=folder / f)
                  for f in bundle.files]
+        # no local path goes up (in code, whose docstrings show example paths: this machine's)
+        files = [public_file(f, machine_paths(), generic=not f.path_in_repo.endswith(".py"))
+                 for f in files]
         url, _, _ = commit_files(client, repo_id, files, repo_type="space", private=private,
                                  space_sdk="gradio", user=user, commit_message=commit_message or
                                  f"medchat: Space serving {', '.join(model_list)}")

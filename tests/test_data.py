@@ -7,9 +7,9 @@ import openpyxl
 import pytest
 
 from medchat.command_line import call
-from training.data import (DataError, check_dataset_command, collect, convert_dataset_command,
-                           load_conversations, normalize_question, split_conversations,
-                           split_dataset_command, write_jsonl)
+from training.data import (DataError, answer_of, check_dataset_command, collect,
+                           convert_dataset_command, load_conversations, normalize_question,
+                           split_conversations, split_dataset_command, write_jsonl)
 
 
 def _xlsx(path, rows, sheet="DrugQA", header=("Question", "Focus (Drug)", "Question Type",
@@ -160,7 +160,8 @@ def test_failed_convert_leaves_no_output(tmp_path):
 
 
 def test_convert_and_split_commands(tmp_path, capsys):
-    x = _xlsx(tmp_path / "a.xlsx", [GOOD] + [(f"question {i}",) + GOOD[1:] for i in range(9)])
+    x = _xlsx(tmp_path / "a.xlsx", [GOOD] + [(f"question {i}",) + GOOD[1:3] + (f"answer {i}",)
+                                            + GOOD[4:] for i in range(9)])
     out = tmp_path / "all.jsonl"
     assert call(convert_dataset_command, [str(x), "--output", str(out)], "convert-dataset") == 0
     assert f"wrote 10 conversations to {out}" in capsys.readouterr().out
@@ -185,3 +186,81 @@ def test_csv_through_datasets_with_column_mapping(tmp_path):
     convs, problems = collect(p, columns={"question": "Q", "answer": "A", "question_type": "Type"})
     assert len(convs) == 1 and convs[0].meta["question_type"] == "Indication"
     assert problems == [f"{p} row 3, column 'A': empty; give it text or drop the record"]
+
+
+def test_windows_files_with_bom_and_crlf_load(tmp_path):
+    """What Notepad, PowerShell and Excel write: a UTF-8 byte-order mark and CRLF line ends."""
+    recs = [{"instruction": "what is aspirin for", "output": "pain and fever"},
+            {"messages": [{"role": "user", "content": "dose?"},
+                          {"role": "assistant", "content": "one tablet\r\ndaily"}]}]
+    jsonl = tmp_path / "win.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r) for r in recs).encode()
+                      + b"\r\n")
+    array = tmp_path / "win.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(recs, indent=2).replace("\n", "\r\n")
+                      .encode())
+    for path in (jsonl, array):
+        convs = load_conversations(path)
+        assert [c.question for c in convs] == ["what is aspirin for", "dose?"], path
+        assert answer_of(convs[1]) == "one tablet\r\ndaily"  # the text itself is kept as is
+
+
+def _answers_xlsx(tmp_path):
+    rows = [(f"question {i}", "drug", "Usage", f"answer number {i}", "S", "u") for i in range(20)]
+    rows += [("what is the dose of x", "x", "Dose", "No answers", "S", "u"),
+             ("how do I store y", "y", "Storage", "No answers", "S", "u"),
+             ("is z safe", "z", "Usage", "Ask your pharmacist about z.", "S", "u"),
+             ("can I take z with food", "z", "Usage", "Ask your pharmacist about z!", "S", "u")]
+    return _xlsx(tmp_path / "answers.xlsx", rows)
+
+
+def test_placeholder_and_shared_answers_are_reported_and_kept_on_one_side(tmp_path, capsys):
+    path = _answers_xlsx(tmp_path)
+    assert call(check_dataset_command, [str(path)], "check-dataset") == 0  # warnings only
+    out = capsys.readouterr().out
+    assert "placeholder answer 'No answers' in 2 row(s) (22, 23)" in out
+    assert "the same answer is given to 2 different questions (rows 24, 25)" in out
+    convs = load_conversations(path)
+    for seed in range(30):
+        sp = split_conversations(convs, test_size=0.3, seed=seed, stratify=None)
+        train = {normalize_question(answer_of(c)) for c in sp.train}
+        assert not any(normalize_question(answer_of(c)) in train for c in sp.test), seed
+
+
+def test_default_split_of_the_spreadsheet_shares_no_answer(spreadsheet):
+    """Before answers were grouped, 16 of the 207 test answers of the default split (seed 42,
+    30%, stratified by question type) were in the training split word for word."""
+    convs = load_conversations(spreadsheet)
+    sp = split_conversations(convs, test_size=0.3, seed=42)
+    assert sp.sizes() == {"train": 483, "test": 207, "val": 0}
+    train_exact = {answer_of(c) for c in sp.train}
+    train_norm = {normalize_question(answer_of(c)) for c in sp.train}
+    assert sum(answer_of(c) in train_exact for c in sp.test) == 0
+    assert sum(normalize_question(answer_of(c)) in train_norm for c in sp.test) == 0
+    # and the grouping had something to do: 9 "No answers" rows, answers shared by questions
+    assert sum(normalize_question(answer_of(c)) == "no answers" for c in convs) == 9
+
+
+def test_check_dataset_counts_samples_over_max_length_with_the_tokenizer_only(
+        tmp_path, capsys, monkeypatch, tiny_model_dir):
+    import transformers
+
+    def no_model(*a, **k):
+        raise AssertionError("check-dataset loaded a model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    data = tmp_path / "qa.jsonl"
+    recs = [{"instruction": f"question {i}",
+             "output": f"answer {i}: " + "dose " * (5 if i % 3 else 60)} for i in range(9)]
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    argv = [str(data), "--model", str(tiny_model_dir), "--max-length", "170"]
+    assert call(check_dataset_command, argv, "check-dataset") == 0
+    out = capsys.readouterr().out
+    assert "3 of 9 samples exceed max_length=170 tokens with the tokenizer of" in out
+    assert [line.split(":")[0].strip() for line in out.splitlines()
+            if line.startswith("  row")] == ["row 1", "row 4", "row 7"]
+    # a preset gives the tokenizer and max_length (here a copy naming the tiny model)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"# tiny\nmodel:\n  name: {tiny_model_dir}\ndata:\n  max_length: 2048\n")
+    assert call(check_dataset_command, [str(data), "--preset", str(preset)], "check-dataset") == 0
+    assert "0 of 9 samples exceed max_length=2048 tokens" in capsys.readouterr().out

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from medchat.chat_format import Conversation, prompt_ids
+from medchat.chat_format import (Conversation, end_of_turn_token, prompt_ids, render,
+                                 stop_token_ids, stop_tokens)
 from training.encode import (IGNORE, PackedCollator, check_prompt_alignment, encode_all,
                              encode_conversation, pack, padding_share, render_marked)
 
@@ -20,6 +21,17 @@ MULTI = [
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def internlm_tok():
+    """InternLM2's layout: a ChatML template whose turns end with <|im_end|>, eos '</s>'."""
+    from tests.support.tiny_model import build_tokenizer
+
+    t = build_tokenizer()
+    t.add_special_tokens({"eos_token": "</s>"})
+    assert t.eos_token == "</s>" and "<|im_end|>" in t.chat_template
+    return t
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +110,39 @@ def test_unpacked_collator_masks_padding(tok):
     batch = c([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [5], "labels": [5]}])
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist()[1] == [5, IGNORE, IGNORE]
+
+
+def test_end_of_turn_comes_from_the_template_not_eos(tok, internlm_tok):
+    # ChatML with eos <|im_end|> (SmolLM2, the tiny model): unchanged
+    assert end_of_turn_token(tok) == "<|im_end|>" and stop_tokens(tok) == ["<|im_end|>"]
+    # ChatML with eos </s> (InternLM2): the turn still ends at <|im_end|>, eos stays a stop
+    assert end_of_turn_token(internlm_tok) == "<|im_end|>"
+    assert stop_tokens(internlm_tok) == ["<|im_end|>", "</s>"]
+    ids, strings = stop_token_ids(internlm_tok, stop_tokens(internlm_tok))
+    assert ids[0] == internlm_tok.convert_tokens_to_ids("<|im_end|>") and strings == []
+    assert ids[1] == internlm_tok.convert_tokens_to_ids("</s>")
+
+
+def test_end_of_turn_is_eos_when_the_template_closes_turns_with_it(internlm_tok):
+    from tests.support.tiny_model import build_tokenizer
+
+    llama2 = build_tokenizer()
+    llama2.add_special_tokens({"eos_token": "</s>"})
+    llama2.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %} {{ m['content'] }} </s>{% endif %}{% endfor %}")
+    assert end_of_turn_token(llama2) == "</s>" and stop_tokens(llama2) == ["</s>"]
+    plain = build_tokenizer()  # a template that writes no token after the answer: eos
+    plain.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert end_of_turn_token(plain) == "<|im_end|>"
+
+
+def test_training_masks_exactly_up_to_the_end_of_turn(internlm_tok):
+    """InternLM2's layout: <|im_end|> is trained, the newline after it and eos are not."""
+    enc = encode_conversation(internlm_tok, MULTI, max_length=4096)
+    trained = internlm_tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"])
+                                   if lab != IGNORE])
+    assert trained == "Pain and fever.<|im_end|>Ask your pharmacist.<|im_end|>"
+    assert "<|im_end|>\n" in render(internlm_tok, MULTI)  # the newline is there, untrained
+    assert "[[Pain and fever.<|im_end|>]]\n" in render_marked(internlm_tok, MULTI)
+    assert check_prompt_alignment(internlm_tok, MULTI)["ok"]

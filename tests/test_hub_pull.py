@@ -217,3 +217,154 @@ def test_clear_errors(fake_hub, adapter_run, tmp_path, monkeypatch, capsys):
     with pytest.raises(HubError, match="neither adapter_config.json"):
         pull(f"{DEFAULT_USER}/not-a-model", runs_dir=runs)
     assert not runs.exists() or not any(runs.iterdir())  # nothing half-written
+
+
+def _upload_manifest(repo: str, manifest: dict) -> None:
+    from huggingface_hub import HfApi
+
+    HfApi().upload_file(path_or_fileobj=json.dumps(manifest).encode(), path_in_repo="medchat.json",
+                        repo_id=repo, commit_message="edit the manifest")
+
+
+def _upload_adapter_config(repo: str, adapter_dir: Path, base: str) -> None:
+    from huggingface_hub import HfApi
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = base
+    HfApi().upload_file(path_or_fileobj=json.dumps(cfg).encode(),
+                        path_in_repo="adapter_config.json", repo_id=repo)
+
+
+def test_a_pulled_manifest_never_points_at_local_folders(fake_hub, adapter_run, tmp_path,
+                                                         monkeypatch):
+    """A repo's manifest that names a base by a local path (and asks for remote code): the path
+    is dropped, the Hub id from the adapter's config is used, remote code is recorded with the
+    repo it came from (the engine asks the operator), and without any Hub id the pull stops."""
+    push(adapter_run, ADAPTER_REPO)
+    remote = json.loads(fake_hub.repo_files(ADAPTER_REPO)["medchat.json"])
+    remote["base_model"] = {"name": "/etc", "hub_id": None, "local_path": "/etc",
+                            "trust_remote_code": True}
+    remote["dataset"]["source"] = "/home/alice/medqa.xlsx"
+    remote["merge"] = {"output": "/home/alice/runs/x/merged"}
+    _upload_manifest(ADAPTER_REPO, remote)
+    runs = tmp_path / "runs"
+    m = Run(pull(ADAPTER_REPO, runs_dir=runs)).manifest()
+    assert m.base_model.hub_id == BASE_REPO and m.base_model.name == BASE_REPO
+    assert m.base_model.local_path is None
+    assert m.base_model.trust_remote_code and m.source.hub_repo == ADAPTER_REPO
+    assert m.dataset.source == "medqa.xlsx" and m.merge == {"output": "merged"}
+
+    # no Hub id anywhere (manifest and adapter config name folders): refused, nothing written
+    _upload_adapter_config(ADAPTER_REPO, Run(adapter_run).adapter_dir, "/etc")
+    other = tmp_path / "other-runs"
+    with pytest.raises(HubError, match=r"its base model '/etc' is not a Hub id \(OWNER/NAME\)"):
+        pull(ADAPTER_REPO, runs_dir=other)
+    assert not other.exists() or not any(other.iterdir())
+    # a name that exists as a folder here is never taken for a repo either
+    _upload_adapter_config(ADAPTER_REPO, Run(adapter_run).adapter_dir, "runs/x")
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubError, match="is not a Hub id"):
+        pull(ADAPTER_REPO, runs_dir=other)
+
+
+def test_anonymous_pull_sends_no_token(fake_hub, adapter_run, tmp_path):
+    push(adapter_run, ADAPTER_REPO)
+    push(adapter_run, f"{DEFAULT_USER}/private-adapter", private=True)
+    runs = tmp_path / "runs"
+    fake_hub.seen_auth.clear()
+    pull(ADAPTER_REPO, runs_dir=runs, anonymous=True)  # public: works without a token
+    assert fake_hub.seen_auth == []  # HF_TOKEN is set, and was not sent
+    with pytest.raises(HubError, match=r"private, gated or does not exist \(401\).*anonymous"):
+        pull(f"{DEFAULT_USER}/private-adapter", runs_dir=runs, anonymous=True)
+    assert fake_hub.seen_auth == [] and not (runs / "test-user--private-adapter").exists()
+    assert pull(f"{DEFAULT_USER}/private-adapter", runs_dir=runs).is_dir()  # the operator can
+
+
+def test_size_cap_is_checked_before_downloading_and_enforced(fake_hub, adapter_run, tmp_path,
+                                                              monkeypatch, capsys):
+    from tests.support import fake_hub as fake_hub_module
+
+    push(adapter_run, ADAPTER_REPO)
+    runs = tmp_path / "runs"
+    resolves = fake_hub.stats["resolve"]
+    with pytest.raises(HubError, match=r"over the limit of 1.0 kB; pick a smaller model"):
+        pull(ADAPTER_REPO, runs_dir=runs, max_bytes=1000)
+    assert fake_hub.stats["resolve"] == resolves  # refused before any download
+    assert pull_main([ADAPTER_REPO, "--runs-dir", str(runs), "--max-bytes", "1000"]) == 2
+    assert "over the limit" in capsys.readouterr().err
+
+    # a server that lists smaller sizes than it sends: the download is stopped
+    real = fake_hub_module._Handler._sibling
+    with monkeypatch.context() as lying:
+        lying.setattr(fake_hub_module._Handler, "_sibling",
+                      staticmethod(lambda path, e: {**real(path, e), "size": 1}))
+        with pytest.raises(HubError, match=r"sent more than the limit of 1.0 kB; the download "
+                                           r"was stopped"):
+            pull(ADAPTER_REPO, runs_dir=runs, max_bytes=1000)
+    assert not runs.exists() or not any(runs.iterdir())
+    assert fake_hub.stats["resolve"] > resolves  # it had started
+    weights = (Run(adapter_run).adapter_dir / "adapter_model.safetensors").stat().st_size
+    assert pull(ADAPTER_REPO, runs_dir=runs, max_bytes=weights + 200_000).is_dir()
+
+
+def test_pull_never_replaces_a_run_it_did_not_pull(fake_hub, adapter_run, tmp_path):
+    import shutil
+
+    push(adapter_run, ADAPTER_REPO)
+    push(adapter_run, f"{DEFAULT_USER}/other")
+    runs = tmp_path / "runs"
+    local = runs / "test-user--tiny-adapter"
+    shutil.copytree(adapter_run, local)  # a run trained here that happens to have that name
+    before = {p: p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    with pytest.raises(HubError, match=r"run 'test-user--tiny-adapter' already exists in the "
+                                       r"runs folder and was trained or made here"):
+        pull(ADAPTER_REPO, runs_dir=runs)
+    assert {p: p.read_bytes() for p in local.rglob("*") if p.is_file()} == before
+    # a run pulled from another repo under that name
+    shutil.rmtree(local)
+    other = Run(pull(f"{DEFAULT_USER}/other", runs_dir=runs))
+    other.path.rename(local)
+    with pytest.raises(HubError, match="was pulled from 'test-user/other'"):
+        pull(ADAPTER_REPO, runs_dir=runs)
+    # a folder that is not a run at all
+    shutil.rmtree(local)
+    local.mkdir()
+    (local / "notes.txt").write_text("mine")
+    with pytest.raises(HubError, match="is not a pulled run"):
+        pull(ADAPTER_REPO, runs_dir=runs)
+    assert (local / "notes.txt").read_text() == "mine"
+    # its own earlier pull is updated in place
+    shutil.rmtree(local)
+    assert pull(ADAPTER_REPO, runs_dir=runs) == local
+    from huggingface_hub import HfApi
+
+    HfApi().upload_file(path_or_fileobj=b"v2\n", path_in_repo="notes.txt", repo_id=ADAPTER_REPO)
+    assert pull(ADAPTER_REPO, runs_dir=runs) == local
+    assert (Run(local).adapter_dir / "notes.txt").read_bytes() == b"v2\n"
+
+
+@pytest.mark.parametrize("revision", ["../main", "main branch", "-x", "a" * 300])
+def test_odd_revisions_are_refused(revision, tmp_path):
+    with pytest.raises(HubError, match="expected a branch, tag or commit id"):
+        pull(ADAPTER_REPO, revision=revision, runs_dir=tmp_path / "runs")
+
+
+def test_a_full_model_with_remote_code_is_recorded_as_such(fake_hub, tiny_model_dir, tmp_path):
+    from huggingface_hub import HfApi
+
+    repo = f"{DEFAULT_USER}/remote-code-model"
+    api = HfApi()
+    api.create_repo(repo)
+    api.upload_folder(folder_path=tiny_model_dir, repo_id=repo)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    api.upload_file(path_or_fileobj=json.dumps(cfg).encode(), path_in_repo="config.json",
+                    repo_id=repo)
+    api.upload_file(path_or_fileobj=b"raise SystemExit('remote code ran')\n",
+                    path_in_repo="modeling_x.py", repo_id=repo)
+    run = Run(pull(repo, runs_dir=tmp_path / "runs"))
+    m = run.manifest()
+    assert m.kind == "merged" and m.base_model.trust_remote_code
+    assert m.source.hub_repo == repo and m.base_model.hub_id == repo
+    assert not (run.merged_dir / "modeling_x.py").exists()  # code is never downloaded

@@ -17,6 +17,7 @@ import hub.push
 import hub.space
 from hub.card import card_command
 from hub.client import HubError, human_size
+from hub.local_paths import local_paths_in
 from hub.pull import pull
 from hub.push import deny_reason, plan_push, push, push_command
 from hub.space import build_bundle, parse_models
@@ -324,3 +325,47 @@ def test_card_of_a_schema_1_run_takes_its_scores_from_the_manifest(capsys):
     assert "| merged | 6.237 | 511.2 | 0 | 0 | 0 | 0 |" in text
     assert "LoRA: r=16, alpha=32" in text and "Mean train loss: 6.247" in text
     assert "/data/medchat-v1" not in text  # local paths of the training machine stay out
+
+
+def test_nothing_pushed_names_a_local_path(adapter_run, fake_hub, tiny_model_dir, tmp_path,
+                                           capsys):
+    """What the previous release left in runs: eval.json's sources naming the base folder and
+    the run's adapter folder, the manifest's merge section naming the output and base folders,
+    configs naming the base folder. The push takes them out, or refuses a file it cannot fix."""
+    import shutil
+
+    run = tmp_path / "runs" / "leaky"
+    shutil.copytree(adapter_run, run)
+    r = Run(run)
+    ev = json.loads(r.eval_path.read_text())
+    ev["sources"] = {"base": f"{tiny_model_dir} (unquantised)",
+                     "adapter": f"{tiny_model_dir} (unquantised) + {r.adapter_dir} via peft"}
+    r.eval_path.write_text(json.dumps(ev, indent=2))
+    r.update_manifest(merge={"output": str(r.merged_dir), "base": str(tiny_model_dir),
+                             "fidelity": {"reference": f"{tiny_model_dir} + adapter via peft"}})
+    tok_cfg = r.adapter_dir / "tokenizer_config.json"
+    tok_cfg.write_text(json.dumps({**json.loads(tok_cfg.read_text()),
+                                   "name_or_path": str(tiny_model_dir)}))
+    repo = f"{DEFAULT_USER}/leaky"
+    result = push(run, repo)
+    on_hub = fake_hub.repo_files(repo)
+    for name, data in on_hub.items():
+        text = data.decode("utf-8", "replace") if not name.endswith(".safetensors") else ""
+        assert str(tmp_path) not in text and not local_paths_in(text), name
+    pushed_eval = json.loads(on_hub["eval.json"])
+    assert pushed_eval["sources"]["adapter"] == f"{tiny_model_dir.name} (unquantised) + adapter " \
+                                                "via peft"
+    assert pushed_eval["items"] == ev["items"]  # the answers and the URLs go up unchanged
+    assert json.loads(on_hub["medchat.json"])["merge"]["output"] == "merged"
+    assert json.loads(on_hub["tokenizer_config.json"])["name_or_path"] == tiny_model_dir.name
+    notes = {f.path_in_repo: f.note for f in result.plan.files}
+    assert "local paths removed" in notes["eval.json"]
+    assert on_hub["tokenizer.json"] == (r.adapter_dir / "tokenizer.json").read_bytes()
+
+    # a file medchat did not write and cannot rewrite: the push stops, naming file and path
+    (r.adapter_dir / "notes.txt").write_text("trained from /home/alice/medqa/data.xlsx\n")
+    commits = len(fake_hub.commits)
+    assert push_main([str(run), repo]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt: names a local path ('/home/alice/medqa/data.xlsx')" in err
+    assert len(fake_hub.commits) == commits

@@ -343,3 +343,32 @@ def test_cli_usage_errors(capsys, tmp_path):
     assert "nothing to merge" in capsys.readouterr().err
     assert merge_main([str(tmp_path / "nope")]) == 2
     assert "no such folder, and no run of that name" in capsys.readouterr().err
+
+
+def test_merge_honours_the_runs_trust_remote_code(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.support.tiny_model import remote_code_model
+
+    base = remote_code_model(tiny_model_dir, tmp_path / "remote-base")
+    with pytest.raises(ValueError, match="trust_remote_code"):  # the model is what it claims
+        AutoModelForCausalLM.from_pretrained(base)
+    run = make_run(tiny_model_dir, tmp_path / "runs" / "remote")  # same tensor names
+    m = run.manifest()
+    m.base_model.name = m.base_model.local_path = str(base)
+    m.base_model.trust_remote_code = True  # what training records for such a base
+    run.save_manifest(m)
+    result = merge_run(run, progress=False, check_prompts=2)
+    assert result.fidelity["greedy_agree"] and result.fidelity["max_abs_logit_diff"] < 1e-4
+    assert (run.merged_dir / "modeling_tiny.py").is_file()
+    assert type(AutoModelForCausalLM.from_pretrained(run.merged_dir, trust_remote_code=True)) \
+        .__name__ == "TinyForCausalLM"
+
+    # a pulled run that asks for remote code: only with the operator's say-so
+    m.source.hub_repo, m.source.commit = "someone/remote-adapter", "0" * 40
+    run.save_manifest(m)
+    with pytest.raises(MergeError, match=r"pulled from 'someone/remote-adapter' .* pass "
+                                         r"--trust-remote-code"):
+        merge_run(run, progress=False, overwrite=True, check_prompts=0)
+    assert merge_main([str(run.path), "--overwrite", "--check-prompts", "0",
+                       "--trust-remote-code", "--quiet"]) == 0

@@ -194,3 +194,25 @@ def test_two_process_data_parallel_run(tmp_path, learnable_model_dir, tiny_data)
     man = json.loads((tmp_path / "runs" / "dp" / "medchat.json").read_text())
     assert man["training"]["stats"]["world_size"] == 2 and man["training"]["stats"]["steps"] == 4
     assert (tmp_path / "runs" / "dp" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_trust_remote_code_is_recorded_and_used(tmp_path, tiny_model_dir, tiny_data):
+    """A base whose classes live in its own folder (like InternLM2): training loads it with
+    the config's trust_remote_code and the manifest's base records it for merge and chat."""
+    from tests.support.tiny_model import remote_code_model
+    from training.config import build_config
+    from training.run import load_model, prepare
+
+    base = remote_code_model(tiny_model_dir, tmp_path / "remote")
+    settings = [f"model.name={base}", f"data.path={tiny_data}", "data.test_size=0.25",
+                "data.stratify=null", f"runs_dir={tmp_path / 'runs'}", "name=rc",
+                "train.deepspeed=null", "model.gradient_checkpointing=false"]
+    cfg = build_config("cpu-smollm2", settings + ["model.trust_remote_code=true"])
+    prep = prepare(cfg, hash_base=False)
+    assert prep.base_ref.trust_remote_code and prep.base_ref.local_path == str(base)
+    model = load_model(cfg, prep.base_path)
+    assert type(model.get_base_model()).__name__ == "TinyForCausalLM"
+    plain = build_config("cpu-smollm2", settings + ["name=rc2"])
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(plain, prepare(plain, hash_base=False).base_path)

@@ -23,12 +23,14 @@ import yaml
 
 from medchat.command_line import Opt
 from medchat.errors import UserError
-from training.data import DEFAULT_COLUMNS
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 DEFAULT_PRESET = "cpu-smollm2"
 DEFAULT_DATA = "../shared/data/MedInfo2019-QA-Medications.xlsx"
+# MedicationQA's headers; any spreadsheet of questions and answers works with its own mapping.
+DEFAULT_COLUMNS = {"question": "Question", "answer": "Answer", "focus": "Focus (Drug)",
+                   "question_type": "Question Type", "section": "Section Title", "url": "URL"}
 
 
 def f(default: Any, help: str, **kw: Any) -> Any:

@@ -3,7 +3,9 @@ provenance -> XTuner-form JSONL on disk, and a deterministic, leakage-free split
 
     medchat convert-dataset DATA -o OUT.jsonl     # like XTuner's xlsx2jsonl
     medchat split-dataset DATA -o OUTDIR          # train/test(/val) JSONL + sizes
-    medchat check-dataset DATA                    # like xtuner check-custom-dataset
+    medchat check-dataset DATA [--preset P | --model M] [--max-length N]
+                                                  # like xtuner check-custom-dataset, and
+                                                  # which samples exceed max_length tokens
 
 Every problem a user can cause is reported with the file and row/line and what to do.
 JSON/JSONL is validated line by line here (so errors carry line numbers, which `datasets`'
@@ -24,19 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal
 
-from medchat.base_model import looks_like_repo_id
-from medchat.chat_format import Conversation
+from medchat.base_model import looks_like_repo_id, resolve_base_model
+from medchat.chat_format import Conversation, ensure_chat_template, render
 from medchat.command_line import Opt
 from medchat.errors import UserError
 from medchat.run_folder import DEFAULT_SYSTEM_PROMPT, atomic_write_text, sha256_file
+from training.config import DEFAULT_COLUMNS, DEFAULT_PRESET, build_config
 
 # openpyxl and datasets are imported in functions: `medchat --help` and the chat app need
 # neither, and datasets alone takes about a second to import.
 
 PROVENANCE_KEYS = ("focus", "question_type", "section", "url")
-# MedicationQA's headers; any spreadsheet of questions and answers works with its own mapping.
-DEFAULT_COLUMNS = {"question": "Question", "answer": "Answer", "focus": "Focus (Drug)",
-                   "question_type": "Question Type", "section": "Section Title", "url": "URL"}
+# Answers that say there is no answer (normalised as by `normalize_question`); MedicationQA has
+# "No answers" (9 rows), "Unanswerable" and "n/a".
+PLACEHOLDER_ANSWERS = {"no answer", "no answers", "unanswerable", "not answerable", "n a", "na",
+                       "none", "unknown", "not available", "no information", "tbd", "todo",
+                       "null", "nan"}
 
 
 class DataError(UserError, ValueError):
@@ -212,7 +217,9 @@ def record_to_conversation(rec: Any, fmt: str, where: str,
 def _iter_json_records(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
     """Read a JSON array or JSON Lines file; returns ([(where, record)], problems)."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        # utf-8-sig: Windows tools (Notepad, Excel's "CSV UTF-8", PowerShell) start files with a
+        # byte-order mark; CRLF line ends are split by splitlines and are JSON whitespace anyway
+        raw = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from e
     stripped = raw.lstrip()
@@ -352,17 +359,48 @@ class Split:
         return {"train": len(self.train), "test": len(self.test), "val": len(self.val)}
 
 
+def answer_of(conv: Conversation) -> str:
+    """The sample's (last) answer."""
+    return next((m["content"] for m in reversed(conv.messages) if m["role"] == "assistant"), "")
+
+
+def sample_groups(convs: list[Conversation]) -> dict[str, list[int]]:
+    """Samples that must stay on one side of a split: those linked by an equal normalised
+    question or an equal normalised answer (transitively). Keyed by the group's smallest
+    normalised question, so a dataset without shared answers groups by question alone."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for c in convs:
+        q = "q:" + normalize_question(c.question)
+        a = normalize_question(answer_of(c))
+        find(q)
+        if a:
+            parent[find("a:" + a)] = find(q)
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(convs):
+        members[find("q:" + normalize_question(c.question))].append(i)
+    return {min(normalize_question(convs[i].question) for i in idx): idx
+            for idx in members.values()}
+
+
 def split_conversations(convs: list[Conversation], test_size: float = 0.3, val_size: float = 0.0,
                         seed: int = 42, stratify: str | None = "question_type") -> Split:
-    """Deterministic split by question group, stratified by a provenance field.
+    """Deterministic split by sample group, stratified by a provenance field.
 
-    Samples whose normalised questions are equal form one group and always land on the same
-    side, so no test question was seen in training. Within each stratum, groups are shuffled
-    with `seed` and assigned to test/val until each part holds its share of samples.
+    Samples whose normalised questions are equal, or whose normalised answers are equal
+    (placeholders like "No answers", one answer given to several questions), form one group
+    and always land on the same side, so no test question or answer was seen in training.
+    Within each stratum, groups are shuffled with `seed` and assigned to test/val until each
+    part holds its share of samples.
     """
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, c in enumerate(convs):
-        groups[normalize_question(c.question)].append(i)
+    groups = sample_groups(convs)
     strata: dict[str, list[str]] = defaultdict(list)
     for key, members in groups.items():
         label = str(convs[members[0]].meta.get(stratify)) if stratify else ""
@@ -398,17 +436,79 @@ def dataset_info(path: str | os.PathLike) -> dict[str, Any]:
 DataFormat = Literal["auto", "xlsx", "xtuner", "openai", "alpaca"]
 
 
+def _where(c: Conversation) -> str:
+    return f"row {c.meta.get('row', '?')}"
+
+
+def _rows(items: list[Conversation], limit: int = 12) -> str:
+    shown = ", ".join(str(c.meta.get("row", "?")) for c in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def answer_findings(convs: list[Conversation]) -> list[str]:
+    """Placeholder answers and one answer given to different questions: not errors (training
+    can use the data), but worth a look; the split keeps each such group on one side."""
+    out: list[str] = []
+    by_answer: dict[str, list[Conversation]] = defaultdict(list)
+    for c in convs:
+        by_answer[normalize_question(answer_of(c))].append(c)
+    for key, items in by_answer.items():
+        shown = " ".join(answer_of(items[0]).split())  # one line, no-break spaces as spaces
+        shown = f"'{shown}'" if len(shown) <= 60 else f"'{shown[:57]}...'"
+        if key in PLACEHOLDER_ANSWERS:
+            out.append(f"placeholder answer {shown} in {len(items)} row(s) ({_rows(items)}): "
+                       "it teaches the model to give no answer; fill in the answers or delete "
+                       "the rows")
+            continue
+        questions = {normalize_question(c.question) for c in items}
+        if len(questions) > 1:
+            out.append(f"the same answer is given to {len(questions)} different questions "
+                       f"(rows {_rows(items)}): {shown}; the split keeps them on one side")
+    return out
+
+
+def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False):
+    """A base model's tokenizer alone, no weights: its folder, else the Hub or its cache, else the
+    folder `resolve_base_model` prepares (the offline copy of the default model)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(model).expanduser()
+    if folder.exists():
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(model, revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - offline and not cached: the prepared copy, if any
+        resolved = resolve_base_model(model, revision, progress=False)
+        return AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+
+
+def token_lengths(tokenizer, convs: list[Conversation]) -> list[int]:
+    """Tokens of each sample as training encodes it (its chat template, no extra specials)."""
+    ensure_chat_template(tokenizer)
+    texts = [render(tokenizer, c.messages) for c in convs]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def check_dataset_command(file: str, *, format: DataFormat = "auto", sheet: str = "DrugQA",
-                          system_prompt: str | None = None) -> int:
+                          system_prompt: str | None = None, preset: str | None = None,
+                          model: str | None = None, max_length: int | None = None) -> int:
     """Check a dataset file and list every problem with its file and row or line.
 
-    Exits with 0 when every record is usable, 1 when there are problems (or no records).
+    Also reports placeholder answers ("No answers") and answers given to different questions,
+    and, with --preset, --model or --max-length, how many samples are longer than max_length
+    tokens with the model's tokenizer (and which rows): training truncates or drops those.
+    Only the tokenizer is loaded, never the model. Exits with 0 when every record is usable,
+    1 when there are problems (or no records).
 
     Args:
         file: spreadsheet (.xlsx), JSON/JSONL, CSV/Parquet file or Hub dataset id
         format: record format (auto detects it per record)
         sheet: spreadsheet sheet name
         system_prompt: system prompt for records without one (default: medchat's)
+        preset: count samples over this preset's data.max_length with its base model's tokenizer
+        model: tokenizer of this model instead (Hub id or folder)
+        max_length: token limit instead of the preset's data.max_length
     """
     convs, problems = collect(file, format, sheet, None, system_prompt)
     for p in problems:
@@ -417,6 +517,26 @@ def check_dataset_command(file: str, *, format: DataFormat = "auto", sheet: str 
     if not convs and not problems:
         print(f"{file}: the dataset is empty")
         return 1
+    for finding in answer_findings(convs):
+        print(f"warning: {file}: {finding}")
+    if convs and (preset or model or max_length):
+        cfg = build_config(preset or DEFAULT_PRESET)
+        if max_length is not None and max_length < 1:
+            raise DataError(f"--max-length {max_length}: must be a positive number of tokens")
+        limit = max_length or cfg.data.max_length
+        name = model or cfg.model.name
+        tok = load_tokenizer(name, None if model else cfg.model.revision,
+                             cfg.model.trust_remote_code and not model)
+        lengths = token_lengths(tok, convs)
+        over = [(c, n) for c, n in zip(convs, lengths) if n > limit]
+        print(f"{file}: {len(over)} of {len(convs)} samples exceed max_length={limit} tokens "
+              f"with the tokenizer of {name} (longest {max(lengths)}); training "
+              + ("drops them" if cfg.data.truncation == "drop" else "cuts their answers' ends")
+              + (" (raise data.max_length to keep them whole)" if over else ""))
+        for c, n in over[:50]:
+            print(f"  {_where(c)}: {n} tokens")
+        if len(over) > 50:
+            print(f"  ... and {len(over) - 50} more")
     return 1 if problems else 0
 
 

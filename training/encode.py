@@ -34,10 +34,15 @@ class EncodingError(UserError, ValueError):
     """A chat template that training cannot mask answers with; the message says why."""
 
 
-def answer_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation; return (text, [(start, end) char span of each trained answer])."""
+def answer_spans(tokenizer, messages: list[dict[str, str]],
+                 eot: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return (text, [(start, end) char span of each trained answer]).
+
+    An answer's span runs from the end of its prompt up to and including the template's
+    end-of-turn token (`eot`, found from the template when not given); what the template writes
+    after it (a newline, the next role marker) is not trained."""
     full = render(tokenizer, messages)
-    eot = end_of_turn_token(tokenizer)
+    eot = eot or end_of_turn_token(tokenizer)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -65,9 +70,10 @@ class EncodeStats:
 
 
 def encode_conversation(tokenizer, messages: list[dict[str, str]], max_length: int,
-                        truncation: str = "truncate") -> dict[str, list[int]] | None:
+                        truncation: str = "truncate",
+                        eot: str | None = None) -> dict[str, list[int]] | None:
     """input_ids + labels (IGNORE outside answers). None when the sample must be dropped."""
-    text, spans = answer_spans(tokenizer, messages)
+    text, spans = answer_spans(tokenizer, messages, eot)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE] * len(ids)
@@ -87,11 +93,12 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]], max_length: i
 def encode_all(tokenizer, conversations, max_length: int, truncation: str = "truncate"):
     """Encode a list of Conversations through `datasets.Dataset.map`; returns (rows, stats)."""
     ds = to_dataset(conversations)
+    eot = end_of_turn_token(tokenizer)  # one probe render for the whole dataset
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "status": []}
         for msgs in batch["messages"]:
-            r = encode_conversation(tokenizer, msgs, max_length, truncation)
+            r = encode_conversation(tokenizer, msgs, max_length, truncation, eot)
             out["input_ids"].append(r["input_ids"] if r else [])
             out["labels"].append(r["labels"] if r else [])
             status = "dropped" if r is None else "truncated" if r["truncated"] else "ok"

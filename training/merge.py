@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medchat.adapter_support import BASE_CHANGING_INITS, UNSUPPORTED_OPTIONS, VARIANT_INITS
 from medchat.base_model import resolve_base_model, resolve_ref
 from medchat.chat_format import prompt_ids
 from medchat.errors import UserError
@@ -55,21 +56,8 @@ OUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
-# LoRA options whose merge is not W + scaling * B @ A on the stored base: refused by name.
-UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA (weight-decomposed LoRA) rescales each column by a learned magnitude",
-    "target_parameters": "LoRA on raw nn.Parameters (MoE experts)",
-    "layer_replication": "layer replication changes the model's layer list",
-    "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens",
-    "use_qalora": "QA-LoRA merges into group-quantised weights",
-    "megatron_config": "Megatron tensor-parallel LoRA layers",
-    "velora_config": "the VeLoRA variant", "monteclora_config": "the MonteCLoRA variant",
-    "use_bdlora": "the block-diagonal LoRA variant", "arrow_config": "the Arrow routing variant",
-    "kasa_config": "the KaSA variant",
-}
-# Initialisations that also rewrite the base weights (residual init): the saved adapter only
-# matches the original base after peft's `path_initial_model_for_weight_conversion`.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# LoRA options whose merge is not W + scaling * B @ A on the stored base, and initialisations
+# that also rewrote the base weights: one list with chat (medchat.adapter_support).
 FALLBACK_PROMPTS = [
     "What is aspirin used for?",
     "Can I take ibuprofen with food?",
@@ -147,6 +135,10 @@ def _check_supported(cfg: dict[str, Any], where: Path) -> None:
                              "plain LoRA only. Merge this adapter with peft's merge_and_unload() "
                              "instead")
     init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() in VARIANT_INITS:
+        raise MergeError(f"{where}: init_lora_weights={init!r} ({VARIANT_INITS[init.lower()]}); "
+                         "the streaming merge supports plain LoRA only. Merge this adapter with "
+                         "peft's merge_and_unload() instead")
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise MergeError(f"{where}: init_lora_weights={init!r} also changed the base weights "
                          "during training, so this adapter does not apply to the original base. "
@@ -509,7 +501,8 @@ def _shards(plan: MergePlan, max_shard_size: int | str):
 
 
 def _copy_side_files(base_dir: Path, adapter_dir: Path, out: Path, plan: MergePlan,
-                     chat_template: str | None, stop_tokens: list[str]) -> None:
+                     chat_template: str | None, stop_tokens: list[str],
+                     trust_remote_code: bool = False) -> None:
     """config (tie flag, dtype), generation config, tokenizer with the run's chat template."""
     from transformers import AutoTokenizer
 
@@ -526,7 +519,7 @@ def _copy_side_files(base_dir: Path, adapter_dir: Path, out: Path, plan: MergePl
     # The tokenizer: the adapter's own if training saved one (added tokens), else the base's.
     tok_src = adapter_dir if any(adapter_dir.glob("tokenizer*")) else base_dir
     try:
-        tok = AutoTokenizer.from_pretrained(str(tok_src))
+        tok = AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=trust_remote_code)
     except Exception as e:
         raise MergeError(f"{tok_src}: tokenizer cannot be loaded ({type(e).__name__}: {e})") from e
     if chat_template:
@@ -566,8 +559,10 @@ class MergeResult:
 def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
           output_dir: str | os.PathLike, max_shard_size: str | int = "2GB", dtype: str = "auto",
           overwrite: bool = False, chat_template: str | None = None,
-          stop_tokens: list[str] | None = None, progress: bool = True) -> MergeResult:
-    """Merge `adapter_dir` into `base_dir`, writing a loadable model folder at `output_dir`."""
+          stop_tokens: list[str] | None = None, progress: bool = True,
+          trust_remote_code: bool = False) -> MergeResult:
+    """Merge `adapter_dir` into `base_dir`, writing a loadable model folder at `output_dir`
+    (`trust_remote_code`: the base's tokenizer runs code shipped with the base)."""
     from huggingface_hub.serialization._base import parse_size_to_int
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -600,7 +595,8 @@ def merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
             index = {"metadata": {"total_size": plan.total_bytes},
                      "weight_map": dict(sorted(split.tensor_to_filename.items()))}
             atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-            _copy_side_files(base_dir, adapter_dir, tmp, plan, chat_template, stop_tokens or [])
+            _copy_side_files(base_dir, adapter_dir, tmp, plan, chat_template, stop_tokens or [],
+                             trust_remote_code)
             for p in tmp.iterdir():  # temp files are created private; the model is not secret
                 p.chmod(0o644)
     finally:
@@ -645,7 +641,8 @@ def _logits_and_greedy(model, prompts: list[list[int]], new_tokens: int, pad_id:
 
 def fidelity_check(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
                    merged_dir: str | os.PathLike, prompts: list[list[int]],
-                   new_tokens: int = 16, pad_id: int = 0) -> dict[str, Any]:
+                   new_tokens: int = 16, pad_id: int = 0,
+                   trust_remote_code: bool = False) -> dict[str, Any]:
     """Max |logit diff| and greedy agreement between base+adapter (peft) and the merged model.
 
     The two models are loaded one after the other, so the check needs one model's memory."""
@@ -655,12 +652,14 @@ def fidelity_check(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    trust = {"trust_remote_code": trust_remote_code}  # the run's base model ships its code
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **trust)
     ref = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     ref_logits, ref_greedy = _logits_and_greedy(ref, prompts, new_tokens, pad_id)
     del ref, base
     gc.collect()
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32,
+                                                  **trust).eval()
     m_logits, m_greedy = _logits_and_greedy(merged, prompts, new_tokens, pad_id)
     del merged
     diffs = [(a - b).abs().max().item() for a, b in zip(ref_logits, m_logits)]
@@ -674,15 +673,16 @@ def fidelity_check(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
 def run_fidelity_check(result: MergeResult, base_dir: str | os.PathLike,
                        adapter_dir: str | os.PathLike, system_prompt: str | None = None,
                        run: Run | None = None, prompts: int = 3,
-                       new_tokens: int = 16) -> dict[str, Any]:
+                       new_tokens: int = 16, trust_remote_code: bool = False) -> dict[str, Any]:
     """`fidelity_check` on the prompts `check_prompts` picks, tokenized by the merged model's
     tokenizer; stored in `result.fidelity` and returned."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(result.output)
+    tok = AutoTokenizer.from_pretrained(result.output, trust_remote_code=trust_remote_code)
     ids = check_prompts(tok, system_prompt, run, prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
-    result.fidelity = fidelity_check(base_dir, adapter_dir, result.output, ids, new_tokens, pad)
+    result.fidelity = fidelity_check(base_dir, adapter_dir, result.output, ids, new_tokens, pad,
+                                     trust_remote_code)
     return result.fidelity
 
 
@@ -703,25 +703,34 @@ def qlora_note(training: TrainingRecord) -> str | None:
 
 def merge_run(run: Run | str, *, max_shard_size: str | int = "2GB", dtype: str = "auto",
               overwrite: bool = False, check_prompts: int = 3, check_tokens: int = 16,
-              progress: bool = True, output: str | os.PathLike | None = None) -> MergeResult:
+              progress: bool = True, output: str | os.PathLike | None = None,
+              allow_remote_code: bool = False) -> MergeResult:
     """Merge a run's adapter into the base it was trained on, into the run's merged model.
 
     The base comes from the manifest (its training-time folder if still there, else its Hub
     id), the chat template and stop tokens from the manifest's chat section; the fidelity check
     (`check_prompts` prompts from the run's test split, 0 skips it) and what was done are
     recorded in the manifest's `merge` section. `output` writes elsewhere than the run's
-    merged folder (still recorded)."""
+    merged folder (still recorded). A run pulled from the Hub whose manifest asks for the base
+    model's own code (trust_remote_code) is refused unless `allow_remote_code`: the repo, not
+    this machine's operator, chose that base."""
     run = run if isinstance(run, Run) else Run.open(run)
     manifest = run.manifest()
+    if manifest.base_model.trust_remote_code and manifest.source.hub_repo \
+            and not allow_remote_code:
+        raise MergeError(f"run '{run.name}' was pulled from '{manifest.source.hub_repo}' and asks "
+                         f"to run the code of its base model '{manifest.base_model.name}' "
+                         "(trust_remote_code); pass --trust-remote-code if you trust that repo")
     base_dir = resolve_ref(manifest.base_model, progress=progress).path
     target = Path(output) if output else run.merged_dir
+    trust = manifest.base_model.trust_remote_code  # as training loaded the base
     result = merge(base_dir, run.adapter_dir, target, max_shard_size, dtype, overwrite,
                    chat_template=manifest.chat.template, stop_tokens=manifest.chat.stop_tokens,
-                   progress=progress)
+                   progress=progress, trust_remote_code=trust)
     result.note = qlora_note(manifest.training)
     if check_prompts > 0:
         run_fidelity_check(result, base_dir, run.adapter_dir, manifest.chat.system_prompt, run,
-                           check_prompts, check_tokens)
+                           check_prompts, check_tokens, trust_remote_code=trust)
     record = {k: v for k, v in result.to_dict().items() if k != "note" or v}
     record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run.update_manifest(merge=record)
@@ -736,7 +745,7 @@ def merge_command(run: str | None = None, *, base: str | None = None, adapter: s
                   output: str | None = None, max_shard_size: str = "2GB",
                   dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
                   overwrite: bool = False, check_prompts: int = 3, check_tokens: int = 16,
-                  quiet: bool = False) -> int:
+                  quiet: bool = False, trust_remote_code: bool = False) -> int:
     """Merge a LoRA adapter into its unquantised base as a standalone model.
 
     Give a run (its adapter into its base, written to the run's merged model and recorded in
@@ -755,6 +764,8 @@ def merge_command(run: str | None = None, *, base: str | None = None, adapter: s
         check_prompts: prompts for the fidelity check (0 skips it)
         check_tokens: greedy tokens compared per prompt
         quiet: no progress bar
+        trust_remote_code: run the base model's own code: for a --base that ships it, or a
+            pulled run whose manifest asks for it (a run trained here follows its manifest)
     """
     try:
         if run:
@@ -763,16 +774,17 @@ def merge_command(run: str | None = None, *, base: str | None = None, adapter: s
             the_run = Run.open(run)
             result = merge_run(the_run, max_shard_size=max_shard_size, dtype=dtype,
                                overwrite=overwrite, check_prompts=check_prompts,
-                               check_tokens=check_tokens, progress=not quiet, output=output)
+                               check_tokens=check_tokens, progress=not quiet, output=output,
+                               allow_remote_code=trust_remote_code)
             adapter_dir = the_run.adapter_dir
         elif base and adapter and output:
             base_dir = resolve_base_model(base).path
             adapter_dir = Path(adapter)
             result = merge(base_dir, adapter_dir, output, max_shard_size, dtype, overwrite,
-                           progress=not quiet)
+                           progress=not quiet, trust_remote_code=trust_remote_code)
             if check_prompts > 0:
                 run_fidelity_check(result, base_dir, adapter_dir, None, None, check_prompts,
-                                   check_tokens)
+                                   check_tokens, trust_remote_code=trust_remote_code)
         else:
             raise MergeError("nothing to merge: pass RUN, or all of --base, --adapter and --output")
     except FileExistsError as e:  # another merge created the output meanwhile

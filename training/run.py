@@ -3,7 +3,8 @@
     medchat train                                   # default preset (cpu-smollm2)
     medchat train --preset qwen2.5-7b-qlora         # a GPU recipe
     medchat train --set lora.r=32 --set train.epochs=2 --name my-run
-    medchat train --resume                          # continue from the last checkpoint
+    medchat train --resume                          # continue from the newest complete
+                                                    # checkpoint (partial ones are skipped)
 
 `python -m training.run` is the same command, for launchers that start a module: more than one
 GPU runs the same entry and the same ZeRO-2 config data-parallel under
@@ -18,9 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +33,7 @@ from medchat.chat_format import Conversation, ensure_chat_template, stop_tokens
 from medchat.command_line import Opt, call
 from medchat.run_folder import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, ChatSpec, DatasetRecord,
                                 GenerationDefaults, Manifest, Metrics, ModelScores, Run,
-                                TrainingRecord, hash_weights)
+                                TrainingRecord, atomic_write_text, hash_weights)
 from training.config import DEEPSPEED_DIR, DEFAULT_PRESET, ConfigError, TrainConfig, build_config
 from training.data import DataError, dataset_info, load_conversations, split_conversations
 from training.encode import PackedCollator, encode_all, pack, padding_share
@@ -209,6 +212,110 @@ def deepspeed_config(cfg: TrainConfig) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints: which one --resume continues from
+#
+# The Trainer writes checkpoint-N/ in place: the adapter, then the optimizer and scheduler
+# (DeepSpeed: global_stepN/ and the `latest` file), the RNG state, and trainer_state.json last.
+# A run killed on the way leaves a folder that looks like a checkpoint and is not one.
+
+CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """Header readable and the file as long as its tensors say (a cut-off write is not)."""
+    try:
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+        return path.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` (checkpoint-N) cannot be resumed from; None when it is complete."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        step = json.loads(state.read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is cut short"
+    if str(step) != folder.name.rsplit("-", 1)[-1]:
+        return f"trainer_state.json is for step {step}"
+    weights = [folder / w for w in CHECKPOINT_WEIGHTS if (folder / w).is_file()]
+    if not weights or not all(_safetensors_complete(w) for w in weights):
+        return "its weights are missing or cut short"
+    latest = folder / "latest"
+    if latest.is_file() or any(folder.glob("global_step*")):  # a DeepSpeed checkpoint
+        tag = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
+        states = folder / tag if tag else None
+        if states is None or not states.is_dir():
+            return "no DeepSpeed `latest` tag naming its global_step folder"
+        needed = [sorted(states.glob("*model_states.pt")), sorted(states.glob("*optim_states.pt"))]
+    else:
+        needed = [[folder / "optimizer.pt"], [folder / "scheduler.pt"]]
+    for files in needed:
+        # torch.save writes a zip whose directory comes last: a cut-off file is no zip
+        if not files or not all(f.is_file() and zipfile.is_zipfile(f) for f in files):
+            return "its optimizer state is missing or cut short"
+    return None
+
+
+def resume_checkpoint(run: Run) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint of `run` (None: there is none), and the newer ones that
+    are incomplete, each with what is wrong with it."""
+    skipped: list[tuple[Path, str]] = []
+    for folder in reversed(run.checkpoints()):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    return None, skipped
+
+
+def _trim_loss_log(run: Run, step: int) -> None:
+    """Forget the steps after `step` that a stopped run logged (they are trained again)."""
+    path = run.loss_log_path
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue  # a line the stopped run did not finish
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _resume_from(run: Run) -> str | None:
+    """The checkpoint --resume continues from, saying which partial ones it skipped (and
+    removes them: training writes those steps again). None: start from step 0."""
+    if not run.checkpoints():
+        raise ConfigError(f"--resume: no checkpoint in {run.checkpoints_dir}; "
+                          "start without --resume")
+    found, skipped = resume_checkpoint(run)
+    for folder, problem in skipped:
+        say(f"--resume: skipping {folder.name}: {problem} (it was being written when the run "
+            "stopped); removing it")
+        if is_main():
+            shutil.rmtree(folder, ignore_errors=True)
+    if found is None:
+        say(f"--resume: no complete checkpoint in {run.checkpoints_dir}; starting from step 0")
+        if is_main():
+            _trim_loss_log(run, 0)
+        return None
+    step = int(found.name.rsplit("-", 1)[-1])
+    say(f"--resume: continuing from {found.name} (step {step})")
+    if is_main():
+        _trim_loss_log(run, step)
+    return str(found)
+
+
+# ---------------------------------------------------------------------------------------------
 # Train
 
 
@@ -279,11 +386,9 @@ def train(prep: Prepared, resume: bool = False, model=None,
                       data_collator=PackedCollator(prep.tokenizer.pad_token_id,
                                                    packed=cfg.data.pack),
                       callbacks=_callbacks(prep.run) + list(callbacks or []))
-    if resume and not prep.run.checkpoints():
-        raise ConfigError(f"--resume: no checkpoint in {prep.run.checkpoints_dir}; "
-                          "start without --resume")
+    checkpoint = _resume_from(prep.run) if resume else None
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.time() - t0
     steps_done = trainer.state.global_step
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -392,7 +497,8 @@ def train_command(*, preset: Annotated[str, Opt("--preset", "--config")] = DEFAU
         data: shortcut for --set data.path=...
         name: shortcut for --set name=...
         runs: runs root (default $MEDCHAT_RUNS or ./runs)
-        resume: continue from the last checkpoint
+        resume: continue from the newest complete checkpoint (partial ones, left by a run
+            stopped while saving, are named and removed; none complete: start from step 0)
         overwrite: replace an existing run's adapter
     """
     logging.basicConfig(level=logging.WARNING)

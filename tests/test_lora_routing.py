@@ -133,3 +133,60 @@ def test_unsupported_adapters_are_named():
     assert "DoRA" in lora_routing.unsupported_reason({"peft_type": "LORA", "use_dora": True})
     assert "peft_type IA3" in lora_routing.unsupported_reason({"peft_type": "IA3"})
     assert "peft_type ?" in lora_routing.unsupported_reason({})
+
+
+def test_rows_of_one_batch_each_get_their_own_adapter(routed, reference):
+    """Per-row routing (what batched decoding uses): every row equals its adapter alone."""
+    import torch
+
+    ids, want = reference
+    names = ["r0", None, "r1", "emb", "r0"]
+    with lora_routing.use_adapters(names):
+        assert lora_routing.row_adapters() == names
+        got = _logits(routed, ids.repeat(len(names), 1))
+    for i, name in enumerate(names):
+        assert torch.equal(got[i:i + 1], want[name]), (i, name)
+    assert lora_routing.row_adapters() is None
+    with lora_routing.use_adapters(["r1", "r1"]):  # one adapter for all: the single path
+        assert lora_routing.active_adapter() == "r1" and lora_routing.row_adapters() is None
+    with lora_routing.use_adapters(["r0", "r1"]), pytest.raises(lora_routing.RoutingError,
+                                                                 match="2 adapter names"):
+        _logits(routed, ids.repeat(3, 1))
+
+
+def test_peft_disable_and_merge_states_are_honoured_or_refused(tiny_model_dir, adapters,
+                                                              reference):
+    import torch
+    from peft import PeftModel
+
+    ids, want = reference
+    model = PeftModel.from_pretrained(_base(tiny_model_dir), adapters["r0"], adapter_name="r0")
+    model.eval()
+    lora_routing.install(model)
+    with model.disable_adapter(), lora_routing.use_adapter("r0"):  # peft's switch: the base
+        assert torch.equal(_logits(model, ids), want[None])
+    model.merge_adapter()
+    with lora_routing.use_adapter(None), pytest.raises(lora_routing.RoutingError,
+                                                       match="merged into the base weights"):
+        _logits(model, ids)
+    model.unmerge_adapter()
+    with lora_routing.use_adapter("r0"):
+        torch.testing.assert_close(_logits(model, ids), want["r0"])
+
+
+def test_the_unsupported_list_covers_every_lora_variant_peft_declares():
+    """A peft upgrade that adds a LoRA variant must be added to medchat.adapter_support."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from medchat import adapter_support
+
+    for f in dataclasses.fields(LoraConfig):
+        if f.metadata.get("is_lora_variant"):
+            assert f.name in adapter_support.UNSUPPORTED_OPTIONS, f.name
+        for init in f.metadata.get("lora_variants", []):
+            assert init in adapter_support.VARIANT_INITS, init
+            assert adapter_support.unsupported_reason({"peft_type": "LORA", f.name: init})
+    for option in adapter_support.UNSUPPORTED_OPTIONS:
+        assert option in adapter_support.unsupported_reason({"peft_type": "LORA", option: True})

@@ -1,0 +1,498 @@
+"""One loop per model in memory that batches the decode steps of every request on it: a small,
+fair scheduler for a handful of users, not a serving engine.
+
+    loop = ModelLoop(model, device="cpu", name="base")
+    loop.submit(Job(stream, prompt_ids, adapter, settings, stop_ids, stop_strings, tokenizer))
+    loop.call(fn)             # run fn between two steps (e.g. attach an adapter), return its result
+
+Each iteration of the loop thread:
+  1. runs what was asked to happen between steps (`call`: structural changes to the model);
+  2. ends the rows whose request was cancelled (Stop, a client gone) before computing anything
+     more for them, so a cancel takes effect within one step;
+  3. admits waiting requests up to a prompt-token budget (at least one), each prefilled alone
+     (its first token is then exactly what a solo run computes) and its KV cache merged into the
+     batch's;
+  4. runs ONE decode step for all running rows together: one forward pass, each row routed to
+     its own adapter (medchat.lora_routing.use_adapters), each row sampled with its own settings
+     and generator (medchat.sampling), each row checked for its own stop conditions and
+     streamed as text; finished rows leave the batch.
+New requests therefore join between steps and nobody waits for whole other answers. The loops
+of different models (the base and a merged model, say) share the device's forward-pass slots
+first come first served: on a CPU as many passes at once as torch's threads fit in the cores,
+so they neither fight over the same cores nor leave one idle.
+
+The batch's KV cache is transformers' DynamicCache, one tensor per layer holding every row,
+left-padded: when a row joins, the shorter side is padded on the left (masked out by the
+attention mask; positions are passed explicitly per row), and when rows leave they are dropped
+and columns that became padding for every row are trimmed. A model whose cache is not plain
+full-attention layers (sliding-window or hybrid models) cannot be merged that way: its loop
+runs one request at a time, and says so in the log.
+
+The thread ends after a while without work (and at once when its model is evicted and idle); a
+later request starts it again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from medchat import lora_routing
+from medchat.backend import GenerationSettings, Stream
+from medchat.sampling import Detokenizer, RowSampler, StopText
+
+__all__ = ["Job", "ModelLoop", "SchedulerConfig"]
+
+log = logging.getLogger(__name__)
+
+
+class _TakeTurns:
+    """First come, first served slots for forward passes, shared by every model loop of the
+    process on one device. On a CPU there are as many slots as torch's intra-op threads fit in
+    the cores (one with torch's default of a thread per core: loops running at once would
+    fight over the same cores; two with one thread each on two cores); on a GPU one (the
+    passes queue on the device anyway). A loop that frees its slot cannot take it straight back
+    while another one waits."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._running = 0
+        self._slots: int | None = None
+
+    def slots(self) -> int:
+        if self._slots is None:  # decided at the first pass: torch's threads are set by then
+            import os
+
+            import torch
+
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+                else (os.cpu_count() or 1)
+            self._slots = (max(1, cores // max(1, torch.get_num_threads()))
+                           if self.device == "cpu" else 1)
+        return self._slots
+
+    def __enter__(self) -> None:
+        me = object()
+        slots = self.slots()
+        with self._cond:
+            self._queue.append(me)
+            while self._queue[0] is not me or self._running >= slots:
+                self._cond.wait()
+            self._queue.popleft()
+            self._running += 1
+            self._cond.notify_all()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+
+_TURNS: dict[str, _TakeTurns] = {}  # device -> its slots
+_TURNS_LOCK = threading.Lock()
+
+
+def _turns(device: str) -> _TakeTurns:
+    with _TURNS_LOCK:
+        return _TURNS.setdefault(str(device), _TakeTurns(str(device)))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How a model's loop shares its steps."""
+
+    max_rows: int = 32  # rows decoded together; more requests wait to join
+    prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (>= 1 request)
+    idle_exit_s: float = 30.0  # the loop thread ends after this long without work
+
+
+@dataclass
+class Job:
+    """One request as its model's loop sees it."""
+
+    stream: Stream
+    prompt: list[int]
+    adapter: str | None  # routing name of the adapter (None: the model itself)
+    settings: GenerationSettings  # checked; a seed chosen when sampling
+    stop_ids: frozenset[int]  # tokens that end the answer (not shown)
+    stop_strings: tuple[str, ...]  # strings that end the answer (not shown)
+    tokenizer: Any
+
+
+@dataclass
+class _Row:
+    """A running job: its tokens so far and how to continue them."""
+
+    job: Job
+    sampler: RowSampler
+    detok: Detokenizer
+    stop_text: StopText
+    tokens: list[int]  # prompt + answer so far; the last one not yet fed to the model
+    new: int = 0  # answer tokens so far
+    done: str | None = None  # finish reason once decided
+
+    @property
+    def stream(self) -> Stream:
+        return self.job.stream
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class ModelLoop:
+    """The decode loop of one model (see the module docstring)."""
+
+    def __init__(self, model: Any, device: str, name: str = "",
+                 config: SchedulerConfig | None = None):
+        self.model = model
+        self.device = device
+        self.name = name
+        self.config = config or SchedulerConfig()
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._calls: list[_Call] = []
+        self._thread: threading.Thread | None = None
+        self._retired = False
+        self._rows: list[_Row] = []  # loop thread only
+        self._cache = None  # the batch's DynamicCache (loop thread only)
+        self._mask = None  # [rows, columns] 1 = a real token, 0 = padding
+        self._serial = _layout_problem(model)  # why this model runs one request at a time
+        if self._serial:
+            log.warning("%s: %s; its requests run one at a time", name, self._serial)
+        self._turns = _turns(device)  # forward passes of all loops on this device
+        self._cache_kw = _cache_keyword(model)
+        self._keep_kw = "logits_to_keep" in _forward_params(model)
+        self._to_delete: dict[str, Callable[[], bool]] = {}  # adapter -> delete once unused
+        # counters for tests and benchmarks; *_s: seconds spent in prefills, decode forward
+        # passes, and choosing/streaming the rows' tokens
+        self.stats = {"steps": 0, "max_rows": 0, "prefills": 0, "rows_stepped": 0,
+                      "prefill_s": 0.0, "forward_s": 0.0, "rows_s": 0.0}
+
+    # -- what other threads call -------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a request; it joins the batch before the next step."""
+        with self._cond:
+            self._pending.append(job)
+            self._wake()
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run `fn` in the loop thread between two steps (nothing runs on the model meanwhile)
+        and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        item = _Call(fn)
+        with self._cond:
+            self._calls.append(item)
+            self._wake()
+        if not item.done.wait(timeout):
+            raise TimeoutError(f"{self.name}: the model's loop did not run the change in time")
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def delete_adapter_when_unused(self, name: str, delete: Callable[[], bool]) -> None:
+        """Call `delete()` in the loop once no running or waiting request uses adapter `name`
+        (a retrained run's old weights: its running answers finish with them); `delete`
+        returns False when it cannot run yet (it is tried again a little later)."""
+        with self._cond:
+            self._to_delete[name] = delete
+            self._wake()
+
+    def retire(self) -> None:
+        """The model left the cache: end the thread once its work is done."""
+        with self._cond:
+            self._retired = True
+            self._cond.notify_all()
+
+    def busy(self) -> int:
+        """Requests running or waiting on this model."""
+        with self._cond:
+            return len(self._rows) + len(self._pending)
+
+    def _wake(self) -> None:  # with self._cond held
+        self._retired = False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"medchat-loop-{self.name}",
+                                             daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        while True:
+            with self._cond:
+                while not (self._calls or self._pending or self._rows or self._to_delete):
+                    if self._retired or not self._cond.wait(self.config.idle_exit_s):
+                        if not (self._calls or self._pending or self._rows or self._to_delete):
+                            self._thread = None
+                            return
+                calls, self._calls = self._calls, []
+                used = {r.job.adapter for r in self._rows} | {j.adapter for j in self._pending}
+                deletions = [(n, self._to_delete.pop(n)) for n in list(self._to_delete)
+                             if n not in used]
+                admit = self._take_pending()
+            for item in calls:
+                try:
+                    item.result = item.fn()
+                except BaseException as e:  # handed to the caller
+                    item.error = e
+                item.done.set()
+            deferred = False
+            for name, delete in deletions:
+                try:
+                    if not delete():
+                        with self._cond:
+                            self._to_delete.setdefault(name, delete)
+                        deferred = True
+                except Exception:  # the old weights stay; nothing routes to them any more
+                    log.exception("%s: could not delete adapter %s", self.name, name)
+            if deferred and not (admit or self._rows):
+                time.sleep(0.05)  # an attach is under way: try again shortly
+            try:
+                with torch.inference_mode():
+                    self._drop([r for r in self._rows if r.stream.cancelled], "cancelled")
+                    for i, job in enumerate(admit):
+                        if not self._admit(job):  # this model turned out to run one at a time
+                            with self._cond:
+                                self._pending.extendleft(reversed(admit[i:]))
+                            break
+                    if self._rows:
+                        self._step()
+            except BaseException as e:  # a failed step: fail its rows, keep serving
+                log.exception("%s: decode step failed", self.name)
+                for row in self._rows:
+                    row.stream.fail(e)
+                self._rows, self._cache, self._mask = [], None, None
+
+    def _take_pending(self) -> list[Job]:
+        """Waiting jobs to admit now (with self._cond held): FIFO, up to the row limit and the
+        prompt-token budget; cancelled ones end here."""
+        for job in [j for j in self._pending if j.stream.cancelled]:
+            self._pending.remove(job)
+            job.stream.finish("cancelled", 0)
+        room = (1 if self._serial else self.config.max_rows) - len(self._rows)
+        out: list[Job] = []
+        budget = self.config.prefill_tokens
+        while self._pending and len(out) < room:
+            job = self._pending[0]
+            if out and len(job.prompt) > budget:
+                break
+            budget -= len(job.prompt)
+            out.append(self._pending.popleft())
+        return out
+
+    # -- prefill -------------------------------------------------------------------------------
+
+    def _forward(self, input_ids, mask, positions, cache, adapters, last_only: bool):
+        kwargs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
+                  self._cache_kw: cache, "use_cache": True}
+        if last_only and self._keep_kw:
+            kwargs["logits_to_keep"] = 1
+        with self._turns, lora_routing.use_adapters(adapters):
+            out = self.model(**kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _admit(self, job: Job) -> bool:
+        """Prefill `job` and add it to the batch (or end it); False: it must wait (put it
+        back), the model's cache turned out not to merge and a request is running."""
+        import torch
+
+        stream = job.stream
+        try:
+            ids = torch.tensor([job.prompt], device=self.device)
+            mask = torch.ones_like(ids)
+            positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+            cache = _new_cache(self.model)
+            t0 = time.perf_counter()
+            logits = self._forward(ids, mask, positions, cache, [job.adapter], last_only=True)
+            self.stats["prefill_s"] += time.perf_counter() - t0
+            self.stats["prefills"] += 1
+            reason = _unmergeable(cache)
+            if reason and not self._serial:
+                self._serial = reason
+                log.warning("%s: %s; its requests run one at a time", self.name, reason)
+            if self._serial and self._rows:  # found out now: wait for the running row
+                return False
+            row = _Row(job, RowSampler(job.settings, self.device), Detokenizer(job.tokenizer),
+                       StopText(job.stop_strings), list(job.prompt))
+            self._advance(row, logits[0])
+        except BaseException as e:  # this request fails alone
+            log.exception("%s: prefill of request %s failed", self.name, stream.id)
+            stream.fail(e)
+            return True
+        if row.done:
+            self._end(row)
+        else:
+            self._join(row, cache, mask)
+        return True
+
+    def _join(self, row: _Row, cache, mask) -> None:
+        """Merge a prefilled row's cache into the batch's (left-padding the shorter side)."""
+        import torch
+        import torch.nn.functional as F
+
+        if not self._rows:
+            self._rows, self._cache, self._mask = [row], cache, mask
+            return
+        width, new = self._mask.shape[1], mask.shape[1]
+        total = max(width, new)
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            for attr in ("keys", "values"):
+                a = F.pad(getattr(mine, attr), (0, 0, total - width, 0))
+                b = F.pad(getattr(theirs, attr), (0, 0, total - new, 0))
+                setattr(mine, attr, torch.cat([a, b], dim=0))
+        self._mask = torch.cat([F.pad(self._mask, (total - width, 0)),
+                                F.pad(mask, (total - new, 0))], dim=0)
+        self._rows.append(row)
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        import torch
+
+        rows = self._rows
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([[len(r.tokens) - 1] for r in rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        t0 = time.perf_counter()
+        logits = self._forward(ids, self._mask, positions, self._cache,
+                               [r.job.adapter for r in rows], last_only=False)
+        t1 = time.perf_counter()
+        self.stats["forward_s"] += t1 - t0
+        self.stats["steps"] += 1
+        self.stats["rows_stepped"] += len(rows)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+        for i, row in enumerate(rows):
+            try:
+                self._advance(row, logits[i])
+            except BaseException as e:  # a row's sampling or decoding failed: that row ends
+                log.exception("%s: request %s failed", self.name, row.stream.id)
+                row.done = "error"
+                row.stream.fail(e)
+        self._drop([r for r in rows if r.done], None)
+        self.stats["rows_s"] += time.perf_counter() - t1
+
+    def _advance(self, row: _Row, logits) -> None:
+        """Choose the row's next token from its logits and stream what it adds."""
+        import torch
+
+        job = row.job
+        history = (torch.tensor(row.tokens, device=self.device)
+                   if row.sampler.needs_history else None)
+        token = row.sampler.next_token(logits, history)
+        row.new += 1
+        row.stream.new_tokens = row.new
+        if token in job.stop_ids:
+            row.done = "stop"
+            return
+        row.tokens.append(token)
+        text, hit = row.stop_text.feed(row.detok.add(token))
+        row.stream.put(text)
+        if hit:
+            row.done = "stop"
+        elif row.new >= job.settings.max_new_tokens:
+            row.done = "length"
+
+    def _end(self, row: _Row, reason: str | None = None) -> None:
+        reason = reason or row.done
+        if reason == "error":
+            return  # already failed
+        if not row.stop_text.hit:
+            # ended another way than a stop string: show a cut character and held-back text
+            text, hit = row.stop_text.feed(row.detok.flush())
+            row.stream.put(text)
+            if not hit:
+                row.stream.put(row.stop_text.rest())
+        row.stream.finish(reason, row.new)
+
+    def _drop(self, leaving: list[_Row], reason: str | None) -> None:
+        """End `leaving` rows and take them out of the batch and its cache."""
+        if not leaving:
+            return
+        import torch
+
+        gone = {id(r) for r in leaving}
+        keep = [i for i, r in enumerate(self._rows) if id(r) not in gone]
+        for row in leaving:
+            self._end(row, reason)
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask[index]
+        used = torch.nonzero(mask.any(dim=0))
+        first = int(used[0]) if len(used) else 0  # columns before it are padding for every row
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+        self._mask = mask[:, first:]
+        self._rows = [self._rows[i] for i in keep]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _forward_params(model: Any) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _cache_keyword(model: Any) -> str:
+    """transformers >= 5.x names the cache argument `cache`; earlier ones `past_key_values`."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def _new_cache(model: Any):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers: no config argument
+        return DynamicCache()
+
+
+def _layout_problem(model: Any) -> str | None:
+    """What the model's config says about its cache layers (None: plain full attention, or
+    unknown until the first prefill)."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in getattr(_new_cache(model), "layers", None) or []:
+        if type(layer) is not DynamicLayer:
+            return f"its cache has {type(layer).__name__} layers (sliding-window or hybrid)"
+    return None
+
+
+def _unmergeable(cache: Any) -> str | None:
+    """Why a prefilled cache cannot be merged with others row by row, or None."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if type(cache) is not DynamicCache:
+        return f"its cache is a {type(cache).__name__}, not a plain DynamicCache"
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return "its cache has no per-layer tensors"
+    for layer in layers:
+        if type(layer) is not DynamicLayer:
+            return f"its cache has {type(layer).__name__} layers (sliding-window or hybrid)"
+        if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:
+            return "its cache has layers without key/value tensors"
+    return None
+

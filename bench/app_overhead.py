@@ -7,7 +7,8 @@
   app      `python launch.py` in its own process (as users start it), driven over loopback
            through /chat with the model name and greedy settings, two ways: gradio_client
            (`Client.submit`, iterating the job), and Gradio's plain HTTP API (POST
-           /gradio_api/call/chat, then its server-sent events) with httpx.
+           /gradio_api/call/chat, then its server-sent events) with httpx; and through its
+           OpenAI-compatible /v1/chat/completions with the official `openai` client, streaming.
   engine   medchat.engine in this process without any server (attributes the cost: routing
            and threads vs the web layer).
   direct   the same model in this process: `model.generate` (the base, or
@@ -188,6 +189,24 @@ def via_http(http, url: str, model: str, max_new_tokens: int) -> dict:
     return {"ttft": first - t0, "first": first, "last": last, "text": text, "total": last - t0}
 
 
+def via_v1(client, model: str, max_new_tokens: int) -> dict:
+    """The app's OpenAI-compatible API, streaming, with the official client."""
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], stream=True,
+        max_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+        extra_body={"repetition_penalty": 1.0})
+    first = last = None
+    text = ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            text += chunk.choices[0].delta.content
+    return {"ttft": first - t0, "first": first, "last": last, "text": text, "total": last - t0}
+
+
 def transport_floor(reps: int) -> dict[str, float]:
     """Time to the first streamed output of a trivial Gradio generator (no model): what the two
     client paths cost by themselves, on the same machine, in this run."""
@@ -264,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://127.0.0.1:{port}/"
             client = Client(url, verbose=False)
             http = httpx.Client(timeout=300)
+            import openai
+
+            v1 = openai.OpenAI(base_url=url + "v1", api_key="bench", max_retries=0, timeout=300)
             sides = {"base": Direct(base, None),
                      "adapter:a0": Direct(base, Run(runs / "a0").adapter_dir)}
             engine = Engine(Registry(runs, base_name=str(base), base_path=base), device="cpu")
@@ -274,14 +296,16 @@ def main(argv: list[str] | None = None) -> int:
                 via_engine(engine, model, 8)
                 via_app(client, model, 8)
                 via_http(http, url, model, 8)
+                via_v1(v1, model, 8)
             for model, direct in sides.items():
-                results[model] = {"direct": [], "engine": [], "app": [], "http": []}
+                results[model] = {"direct": [], "engine": [], "app": [], "http": [], "v1": []}
                 for _ in range(args.reps):
                     d = direct.run(args.max_new_tokens)
                     e = via_engine(engine, model, args.max_new_tokens)
                     a = via_app(client, model, args.max_new_tokens)
                     h = via_http(http, url, model, args.max_new_tokens)
-                    for side, got in (("engine", e), ("app", a), ("http", h)):
+                    o = via_v1(v1, model, args.max_new_tokens)
+                    for side, got in (("engine", e), ("app", a), ("http", h), ("v1", o)):
                         if got["text"] != d["text"]:
                             raise SystemExit(f"{model}: the app ({side}) and generate disagree:\n"
                                              f"app:    {got['text'][:200]!r}\n"
@@ -308,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         "launch.py` in its own process, measured with gradio_client over loopback; direct = "
         "`model.generate` + `TextIteratorStreamer` in this process (for the adapter: "
         "`PeftModel.from_pretrained`); engine = medchat.engine in-process, no server. The app "
-        "is called two ways: gradio_client, and Gradio's "
-        "plain HTTP API (POST + server-sent events, httpx). TTFT = call -> first text piece; "
+        "is called three ways: gradio_client, Gradio's "
+        "plain HTTP API (POST + server-sent events, httpx), and its OpenAI-compatible /v1 "
+        "(the openai client, streaming). TTFT = call -> first text piece; "
         "decode = tokens after the first / (last piece - first piece). Medians.",
         "",
         "| model | measured | tokens | direct TTFT | TTFT | TTFT added | direct decode "
@@ -319,13 +344,22 @@ def main(argv: list[str] | None = None) -> int:
     for model, r in results.items():
         dt, dr = med(r["direct"], "ttft"), rate(r["direct"])
         for side, via in (("engine", "engine, in-process (no server)"),
-                          ("app", "app, gradio_client"), ("http", "app, HTTP/SSE")):
+                          ("app", "app, gradio_client"), ("http", "app, HTTP/SSE"),
+                          ("v1", "app, /v1 (openai client)")):
             at, ar = med(r[side], "ttft"), rate(r[side])
             lines.append(f"| {model} | {via} | {r['direct'][0]['tokens']} | {dt * 1e3:.0f} ms | "
                          f"{at * 1e3:.0f} ms | {(at - dt) * 1e3:+.0f} ms "
                          f"({(at - dt) / dt * 100:+.1f}%) "
                          f"| {dr:.1f} tok/s | {ar:.1f} tok/s | {(dr - ar) / dr * 100:+.1f}% |")
             print(lines[-1], file=sys.stderr)
+    lines += ["", "The OpenAI-compatible /v1 against the in-process engine it serves (one client, "
+              "medians): " + "; ".join(
+                  f"{model}: TTFT {med(r['v1'], 'ttft') * 1e3:.0f} vs "
+                  f"{med(r['engine'], 'ttft') * 1e3:.0f} ms "
+                  f"({(med(r['v1'], 'ttft') / med(r['engine'], 'ttft') - 1) * 100:+.1f}%), decode "
+                  f"{rate(r['v1']):.1f} vs {rate(r['engine']):.1f} tok/s "
+                  f"({(rate(r['v1']) / rate(r['engine']) - 1) * 100:+.1f}%)"
+                  for model, r in results.items()) + "."]
     lines += ["", "Transport floor (same machine, same run): time to the first streamed output "
               "of a trivial Gradio generator with no model: "
               + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in floor.items()) + "."]

@@ -1,6 +1,7 @@
-"""The Gradio app over the engine and the registry: a streaming chat with a model selector
-(base / adapter / merged, with base model and eval score), a side-by-side compare view, and an
-"add from Hub" control. Start it with `python launch.py` or `medchat app` (medchat.server).
+"""The Gradio app over a backend and the registry: a streaming chat with a model selector
+(base / adapter / merged, with base model and eval score), a side-by-side compare view, an
+"add from Hub" control, and the OpenAI-compatible /v1 API (medchat.openai_api) on the same port.
+Start it with `python launch.py` or `medchat app` (medchat.server).
 
 API endpoints (for `gradio_client`, tests and benchmarks), all on the queue:
 
@@ -10,7 +11,9 @@ API endpoints (for `gradio_client`, tests and benchmarks), all on the queue:
     /stop     () -> int   cancels this client's running generations
     /refresh  () -> [{"id", "kind", "label"}]   rescan the runs folder
 
-`model` must be a registered id (see /models); anything else is refused by the engine.
+`model` must be a registered id (see /models); anything else is refused by the backend. The
+UI, these endpoints and /v1 share the backend's limits and its one waiting line: a request
+beyond the line is told "busy, retry" at once (Compare takes two generation slots, both or none).
 
 The page is built by small functions, one per part: `chat_tab`, `compare_tab`,
 `settings_panel` and `hub_panel` lay out components; `Handlers` holds what the events run;
@@ -30,9 +33,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry / ver
 
 import gradio as gr  # noqa: E402
 
+from medchat.backend import (Backend, BackendError, ChatRequest,  # noqa: E402
+                             GenerationSettings, SettingsError, Stream)
 from medchat.base_model import looks_like_repo_id  # noqa: E402
-from medchat.engine import (Engine, BackendError, GenerationSettings, SettingsError,  # noqa: E402
-                            Stream)
+from medchat.openai_api import build_routes  # noqa: E402
 from medchat.registry import BASE_ID, Registry, UnknownModelError  # noqa: E402
 
 DISCLAIMER = ("**Not medical advice.** Answers come from a small language model fine-tuned on "
@@ -50,7 +54,8 @@ CSS = """
 # Errors a request can cause; shown to the user as they are.
 REQUEST_ERRORS = (UnknownModelError, BackendError, SettingsError)
 
-# pull(repo_id, revision=..., runs_dir=...) -> the run folder it wrote (hub.pull.pull)
+# pull(repo_id, revision=..., runs_dir=...) -> the run folder it wrote (hub.pull.pull with the
+# operator's choices of token and size cap bound in by the server)
 PullFunction = Callable[..., "str | os.PathLike"]
 
 
@@ -117,20 +122,29 @@ def _append(history: list, piece: str) -> None:
 class Handlers:
     """The functions behind the chat and compare views and the API endpoints."""
 
-    def __init__(self, engine: Engine, registry: Registry, stream_interval: float = 0.05,
+    def __init__(self, backend: Backend, registry: Registry, stream_interval: float = 0.05,
                  pull: PullFunction | None = None):
-        self.engine = engine
+        self.backend = backend
         self.registry = registry
         self.interval = stream_interval
         self.pull = pull
 
     def start(self, model, message, history, system, settings, request) -> Stream:
         """Start one generation for a client; request errors become messages in the UI."""
+        return self.start_all([(model, history)], message, system, settings, request)[0]
+
+    def start_all(self, sides: list[tuple[str, list]], message, system, settings,
+                  request) -> list[Stream]:
+        """Start one generation per (model, history), all at once or none (Compare)."""
         owner = getattr(request, "session_hash", None)
         try:
-            entry = self.registry.get(model)
-            settings = _settings(*settings, defaults=entry.generation)
-            return self.engine.stream_turn(model, message, history, system, settings, owner=owner)
+            requests = []
+            for model, history in sides:
+                entry = self.registry.get(model)
+                requests.append(ChatRequest.from_turn(
+                    model, message, history, system,
+                    _settings(*settings, defaults=entry.generation), owner))
+            return self.backend.stream_all(requests)
         except REQUEST_ERRORS as e:
             raise gr.Error(str(e)) from None
 
@@ -147,7 +161,7 @@ class Handlers:
     def stop(self, request: gr.Request = None) -> int:
         """Cancel this client's running generations; returns how many."""
         owner = getattr(request, "session_hash", None)
-        return self.engine.cancel(owner) if owner else 0
+        return self.backend.cancel(owner) if owner else 0
 
     def stop_ui(self, request: gr.Request) -> None:
         """The Stop buttons (a name of their own: API names must be unique)."""
@@ -164,11 +178,11 @@ class Handlers:
                 return
             stream = self.start(model, message, history, system,
                                 (max_new, temp, top_p, rep, seed), request)
-            for notice in stream.notices:
-                gr.Warning(notice)
-            history = _turn(history, message)
-            yield history, "", ""
             try:
+                for notice in stream.notices:
+                    gr.Warning(notice)
+                history = _turn(history, message)
+                yield history, "", ""
                 for piece in stream.batched(self.interval):
                     _append(history, piece)
                     yield history, "", ""
@@ -193,22 +207,23 @@ class Handlers:
             if temp and float(temp) > 0 and (seed is None or int(seed) < 0):
                 # both sides draw with the same seed, so differences come from the models
                 settings = settings[:4] + (int.from_bytes(os.urandom(3), "big"),)
-            streams = [self.start(model_a, message, hist_a, system, settings, request)]
+            # both generations start together or neither does: Compare never holds one slot
+            # while it waits for the other
+            streams = self.start_all([(model_a, hist_a), (model_b, hist_b)], message, system,
+                                     settings, request)
             try:
-                streams.append(self.start(model_b, message, hist_b, system, settings, request))
-            except gr.Error:
-                streams[0].cancel()
-                raise
-            for notice in dict.fromkeys(n for s in streams for n in s.notices):
-                gr.Warning(notice)
-            hists = [_turn(hist_a, message), _turn(hist_b, message)]
-            yield hists[0], hists[1], "", ""
-            try:
+                for notice in dict.fromkeys(n for s in streams for n in s.notices):
+                    gr.Warning(notice)
+                hists = [_turn(hist_a, message), _turn(hist_b, message)]
+                yield hists[0], hists[1], "", ""
                 for i, piece in merge_streams(streams, self.interval):
                     _append(hists[i], piece)
                     yield hists[0], hists[1], "", ""
             except BackendError as e:
                 raise gr.Error(str(e)) from None
+            finally:
+                for s in streams:  # no-op when finished; stops both when the client went away
+                    s.cancel()
             yield hists[0], hists[1], "", " | ".join(_status(s) for s in streams)
 
         return compare
@@ -224,9 +239,9 @@ class Handlers:
             stream = self.start(model, message, history or [], system_prompt,
                                 (max_new_tokens, temperature, top_p, repetition_penalty,
                                  -1 if seed is None else seed), request)
-            for notice in stream.notices:
-                gr.Warning(notice)
             try:
+                for notice in stream.notices:
+                    gr.Warning(notice)
                 for _ in stream.batched(self.interval):
                     yield stream.text
             except BackendError as e:
@@ -245,8 +260,11 @@ class Handlers:
     def on_refresh(self, current, a, b):
         """The refresh button: rescan, keep the selections that still exist."""
         self.registry.refresh()
-        # attach new adapters in the background so the first answer from them is quick
-        threading.Thread(target=self.engine.preload, daemon=True).start()
+        # attach new adapters in the background so the first answer from them is quick (a
+        # server backend checks the server again and loads new adapters into it)
+        preload = getattr(self.backend, "preload", None)
+        if preload is not None:
+            threading.Thread(target=preload, daemon=True).start()
         choices, ids = self.registry.choices(), self.registry.ids()
         keep = [v if v in ids else BASE_ID for v in (current, a, b)]
         qs = self.registry.examples(limit=8, model_id=keep[0]) or FALLBACK_EXAMPLES
@@ -375,15 +393,18 @@ def compare_tab(registry: Registry, first: str) -> CompareTab:
     return CompareTab(model_a, model_b, chat_a, chat_b, box, send, stop, status, clear)
 
 
-def settings_panel(registry: Registry, first: str, placeholder: str) -> SettingsPanel:
-    """System prompt and sampling settings, starting from the first model's manifest."""
+def settings_panel(registry: Registry, first: str, placeholder: str,
+                   max_new_tokens: int = 2048) -> SettingsPanel:
+    """System prompt and sampling settings, starting from the first model's manifest; the
+    answer-length slider stops at the server's limit."""
     with gr.Accordion("System prompt and generation settings", open=False):
         system = gr.Textbox(label="System prompt (empty: the model's own, shown greyed)",
                             placeholder=placeholder, lines=2, elem_id="system")
         defaults = GenerationSettings.from_defaults(
             registry.get(first).generation if first in registry.ids() else None)
         with gr.Row():
-            max_new = gr.Slider(1, 2048, value=defaults.max_new_tokens, step=1,
+            max_new = gr.Slider(1, max_new_tokens,
+                                value=min(defaults.max_new_tokens, max_new_tokens), step=1,
                                 label="Max new tokens")
             temp = gr.Slider(0, 2, value=defaults.temperature, step=0.05,
                              label="Temperature (0 = greedy)")
@@ -461,16 +482,23 @@ def initial_model(registry: Registry, preferred: str | None = None) -> str:
     return tuned[0] if tuned else BASE_ID
 
 
-def build_app(engine: Engine, registry: Registry, *, pull: PullFunction | None = None,
+def build_app(backend: Backend, registry: Registry, *, pull: PullFunction | None = None,
               gpu: Callable | None = None, default_model: str | None = None,
-              concurrency: int | None = 4, title: str = "medchat",
-              stream_interval: float = 0.05) -> gr.Blocks:
+              title: str = "medchat", stream_interval: float = 0.05,
+              openai_api: bool = True, api_key: str | None = None) -> gr.Blocks:
     """The Blocks app. `pull` (hub.pull.pull) backs the "Add from Hub" panel, hidden when None;
     `gpu` wraps the generating functions (spaces.GPU on a ZeroGPU Space); `stream_interval`:
-    pieces arriving closer together than this are sent as one update."""
+    pieces arriving closer together than this are sent as one update; `openai_api`: serve /v1
+    on the same port (`serve` mounts it), with `api_key` as its bearer key when given.
+
+    The backend's limits set the queue: as many handlers run at once as can hold or wait for a
+    generation slot (so the backend's one waiting line, shared with /v1, does the waiting), and
+    Gradio's own queue is bounded by the same waiting-line size."""
     wrap = gpu or (lambda f: f)
-    h = Handlers(engine, registry, stream_interval, pull)
+    h = Handlers(backend, registry, stream_interval, pull)
     first = initial_model(registry, default_model)
+    limits = backend.limits
+    concurrency = limits.max_active + limits.max_waiting
     limit = {"concurrency_limit": concurrency, "concurrency_id": "generate"}
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\nChat with the base model and its fine-tuned versions; "
@@ -479,14 +507,16 @@ def build_app(engine: Engine, registry: Registry, *, pull: PullFunction | None =
         with gr.Tabs():
             chat = chat_tab(registry, first)
             compare = compare_tab(registry, first)
-        settings = settings_panel(registry, first, h.placeholder(first))
+        settings = settings_panel(registry, first, h.placeholder(first),
+                                  limits.max_new_tokens)
         wire_chat(chat, settings, wrap(h.respond_fn()), h, limit)
         wire_compare(compare, settings, wrap(h.compare_fn()), h, limit)
         wire_refresh(chat, compare, h)
         if pull is not None:
             wire_hub(hub_panel(), chat, compare, h)
         add_api(h, wrap, limit)
-    demo.queue(default_concurrency_limit=concurrency)
+    demo.queue(default_concurrency_limit=concurrency, max_size=max(1, limits.max_waiting))
+    demo.medchat_routes = build_routes(backend, api_key) if openai_api else []  # see serve()
     return demo
 
 
@@ -497,6 +527,11 @@ def theme() -> gr.Theme:
 
 def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           **kwargs: Any):
-    """Launch with the app's theme and CSS (Gradio 6 takes both at launch)."""
+    """Launch with the app's theme and CSS (Gradio 6 takes both at launch) and the /v1 routes
+    `build_app` made, served by Gradio's own FastAPI app on the same port (its routes are
+    matched before Gradio's)."""
+    app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+    app_kwargs["routes"] = list(app_kwargs.get("routes", [])) + getattr(demo, "medchat_routes",
+                                                                        [])
     return demo.launch(server_name=host, server_port=port, share=share, theme=theme(), css=CSS,
-                       show_error=True, **kwargs)
+                       show_error=True, app_kwargs=app_kwargs, **kwargs)

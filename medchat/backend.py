@@ -179,10 +179,15 @@ class Admission:
         self._active = 0
         self._waiting = 0
 
-    def acquire(self, timeout: float | None = None) -> None:
+    def acquire(self, timeout: float | None = None, count: int = 1) -> None:
+        """Take `count` slots at once (all or none: a caller that needs two never holds one
+        while it waits for the other)."""
+        if count > self.max_active:
+            raise OverloadedError(f"this needs {count} generations at once and the server runs "
+                                  f"at most {self.max_active}; ask the operator to raise it")
         with self._cond:
-            if self._active < self.max_active and not self._waiting:
-                self._active += 1
+            if self._active + count <= self.max_active and not self._waiting:
+                self._active += count
                 return
             if self._waiting >= self.max_waiting:
                 raise OverloadedError(
@@ -191,19 +196,19 @@ class Admission:
             self._waiting += 1
             try:
                 deadline = None if timeout is None else time.monotonic() + timeout
-                while self._active >= self.max_active:
+                while self._active + count > self.max_active:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise OverloadedError("the server stayed busy; retry in a moment")
                     self._cond.wait(left)
-                self._active += 1
+                self._active += count
             finally:
                 self._waiting -= 1
 
     def release(self) -> None:
         with self._cond:
             self._active = max(0, self._active - 1)
-            self._cond.notify()
+            self._cond.notify_all()  # a waiter may need more than the one slot freed
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting)."""
@@ -464,6 +469,30 @@ class Backend(ABC):
 
     def stream(self, request: ChatRequest) -> Stream:
         """Check the request, wait for a slot, start it; the stream frees the slot when done."""
+        return self.stream_all([request])[0]
+
+    def stream_all(self, requests: list[ChatRequest]) -> list[Stream]:
+        """`stream` for several requests that belong together (Compare): every one is checked
+        first, then all their slots are taken at once, or none."""
+        checked = [self._checked(r) for r in requests]
+        self.admission.acquire(count=len(checked))
+        streams: list[Stream] = []
+        try:
+            for entry, request in checked:
+                streams.append(self._start(entry, request))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            for _ in range(len(checked) - len(streams)):
+                self.admission.release()
+            for s in streams:
+                self._track(s)
+            raise
+        for s in streams:
+            self._track(s)
+        return streams
+
+    def _checked(self, request: ChatRequest) -> tuple[ModelEntry, ChatRequest]:
         entry = self.registry.get(request.model)  # refuses anything unregistered
         settings = request.settings or GenerationSettings.from_defaults(entry.generation)
         request = replace(request, settings=settings.checked())
@@ -471,16 +500,12 @@ class Backend(ABC):
         reason = self.unavailable().get(entry.id)
         if reason:
             raise ModelUnavailableError(f"{entry.id} cannot be served right now: {reason}")
-        self.admission.acquire()
-        try:
-            stream = self._start(entry, request)
-        except BaseException:
-            self.admission.release()
-            raise
+        return entry, request
+
+    def _track(self, stream: Stream) -> None:
         with self._streams_lock:
             self._streams[stream.id] = stream
-        stream.on_done(self._ended)
-        return stream
+        stream.on_done(self._ended)  # frees its slot when it ends
 
     def stream_turn(self, model: str, message: str, history: Iterable[Any] | None = None,
                     system_prompt: str | None = None, settings: GenerationSettings | None = None,

@@ -96,9 +96,39 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 # Where an answer ends
 
 
+# A conversation rendered only to see what the template writes after an answer.
+_PROBE = [{"role": "user", "content": "medchat probe question"},
+          {"role": "assistant", "content": "medchat probe answer"}]
+
+
+def _special_strings(tokenizer) -> list[str]:
+    """The tokenizer's special and added tokens, longest first (so '<|im_end|>' wins over '<')."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    try:
+        found |= set(tokenizer.get_added_vocab())
+    except Exception:  # noqa: BLE001 - a tokenizer without added tokens
+        pass
+    return sorted((t for t in found if isinstance(t, str) and t.strip()), key=len, reverse=True)
+
+
 def end_of_turn_token(tokenizer) -> str:
-    """The token that closes an assistant turn."""
-    return tokenizer.eos_token or "<|im_end|>"
+    """The token that closes an assistant turn, as the chat template writes it.
+
+    A probe conversation is rendered and the first special token after the answer is taken:
+    `<|im_end|>` for ChatML (also for InternLM2, whose eos is `</s>`), `<|eot_id|>` for Llama 3,
+    `<end_of_turn>` for Gemma, `</s>` for templates that close a turn with eos. A template that
+    writes no special token there (or cannot render the probe) falls back to eos."""
+    fallback = tokenizer.eos_token or "<|im_end|>"
+    try:
+        text = render(tokenizer, _PROBE)
+    except Exception:  # noqa: BLE001 - templates may insist on roles the probe lacks
+        return fallback
+    answer = _PROBE[-1]["content"]
+    at = text.rfind(answer)
+    if at < 0:
+        return fallback
+    tail = text[at + len(answer):].lstrip()
+    return next((t for t in _special_strings(tokenizer) if tail.startswith(t)), fallback)
 
 
 def stop_tokens(tokenizer) -> list[str]:

@@ -24,11 +24,13 @@ from medchat.command_line import call, parse_doc
 from medchat.registry import models_command
 from medchat.server import app_command
 from medchat.terminal import chat_command
+from medchat.vllm import vllm_command_command, vllm_setup_command
 from training.config import (copy_preset_command, fields_command, list_presets_command,
                              show_config_command)
 from training.data import check_dataset_command, convert_dataset_command, split_dataset_command
 from training.encode import log_dataset_command
 from training.evaluate import evaluate_command
+from training.export import export_command
 from training.merge import merge_command
 from training.run import train_command
 
@@ -49,6 +51,9 @@ COMMANDS: dict[str, Callable[..., int | None]] = {
     "models": models_command,
     "chat": chat_command,
     "app": app_command,
+    "vllm-setup": vllm_setup_command,
+    "vllm-command": vllm_command_command,
+    "export": export_command,
     "card": card_command,
     "push": push_command,
     "pull": pull_command,

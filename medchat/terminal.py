@@ -4,19 +4,24 @@
     medchat chat --model adapter:smollm2-medqa           # interactive; /reset, /exit
     medchat chat --model base --system "Be brief." --temperature 0 --max-new-tokens 128
     echo "What is metformin for?" | medchat chat --model adapter:smollm2-medqa
+    medchat chat --backend openai --backend-url http://127.0.0.1:8000   # answers from vLLM
 
 Answers stream to stdout; Ctrl-C stops the current answer, Ctrl-D (or /exit) quits.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
+from medchat.backend import Backend, BackendError, GenerationSettings, SettingsError
 from medchat.base_model import DEFAULT_BASE_MODEL, resolve_base_model
 from medchat.command_line import Opt, call
-from medchat.engine import Engine, BackendError, GenerationSettings, SettingsError
+from medchat.engine import Engine
+from medchat.errors import UserError
 from medchat.registry import BASE_ID, Registry
+from medchat.remote_backend import RemoteBackend
 
 COMMANDS = "/reset clears the conversation, /exit quits, Ctrl-C stops an answer"
 
@@ -26,7 +31,11 @@ def chat_command(*, model: str | None = None,
                  base: str = DEFAULT_BASE_MODEL, system: str | None = None, device: str = "auto",
                  max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None,
-                 seed: int | None = None) -> int:
+                 seed: int | None = None,
+                 backend: Literal["in-process", "openai"] = "in-process",
+                 backend_url: str | None = None,
+                 dialect: Literal["vllm", "llama-server", "medchat"] = "vllm",
+                 backend_key_env: str | None = None) -> int:
     """Chat in the terminal with the base model or a fine-tuned one, answers streaming.
 
     Reads one message per line (from the keyboard, or piped in); /reset clears the
@@ -45,6 +54,10 @@ def chat_command(*, model: str | None = None,
         top_p: nucleus sampling mass (default: the run's manifest, else 0.9)
         repetition_penalty: >1 discourages repeats (default: the run's manifest, else 1.1)
         seed: sampling seed (default: a fresh one per answer)
+        backend: who generates: in-process, or openai (an OpenAI-compatible server)
+        backend_url: the server's URL for the openai backend, e.g. http://127.0.0.1:8000
+        dialect: the server behind the openai backend: vllm, llama-server or medchat
+        backend_key_env: environment variable holding the server's API key
     """
     resolved = resolve_base_model(base, progress=True)
     registry = Registry(runs, base_name=base, base_path=resolved.path,
@@ -60,7 +73,14 @@ def chat_command(*, model: str | None = None,
     settings = GenerationSettings.from_defaults(
         entry.generation, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed)
-    engine = Engine(registry, device=device)
+    engine: Backend = Engine(registry, device=device)
+    if backend == "openai":
+        if not backend_url:
+            raise UserError("the openai backend needs --backend-url, e.g. http://127.0.0.1:8000")
+        key = os.environ.get(backend_key_env, "").strip() or None if backend_key_env else None
+        engine = RemoteBackend(registry, backend_url, dialect=dialect, api_key=key, local=engine)
+        for problem in engine.connect():
+            print(f"warning: {problem}", file=sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"medchat: chatting with {entry.label}\n{COMMANDS}", file=sys.stderr)
@@ -88,7 +108,7 @@ def chat_command(*, model: str | None = None,
                         {"role": "assistant", "content": answer}]
 
 
-def _answer(engine: Engine, model: str, message: str, history: list[dict[str, str]],
+def _answer(engine: Backend, model: str, message: str, history: list[dict[str, str]],
             system: str | None, settings: GenerationSettings) -> str | None:
     """Stream one answer to stdout; its text, or None when it failed (reported on stderr)."""
     try:

@@ -318,3 +318,137 @@ def test_app_modules_import_without_training_packages():
                          timeout=120, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[] []"
+
+
+def test_compare_takes_both_generation_slots_or_none(app):
+    """Compare needs two slots: with one allowed it is refused at once; with two allowed and one
+    busy it waits holding nothing, then gets both."""
+    import gradio as gr
+
+    from medchat.backend import Limits
+
+    visitor = types.SimpleNamespace(session_hash="compare-visitor")
+    settings = (24, 0.0, 1.0, 1.0, -1)
+    one = Handlers(Engine(app.registry, device="cpu", limits=Limits(max_active=1)), app.registry)
+    with pytest.raises(gr.Error, match="needs 2 generations at once"):
+        one.start_all([("base", []), ("adapter:r0", [])], Q, "", settings, visitor)
+    assert one.backend.admission.counts() == (0, 0)
+
+    eng = Engine(app.registry, device="cpu", limits=Limits(max_active=2, max_waiting=4))
+    h = Handlers(eng, app.registry)
+    busy = h.start("adapter:r1", Q, [], "", (900, 0.0, 1.0, 1.0, -1), visitor)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(
+        h.start_all([("base", []), ("adapter:r0", [])], Q, "", settings, visitor)))
+    waiter.start()
+    deadline = time.time() + 5
+    while eng.admission.counts() != (1, 1) and time.time() < deadline:
+        time.sleep(0.01)
+    assert eng.admission.counts() == (1, 1)  # one running, Compare waiting with no slot held
+    busy.cancel()
+    waiter.join(30)
+    streams = got[0]
+    assert [s.result() for s in streams] == [ask(client(app), "base"), ask(client(app),
+                                                                           "adapter:r0")]
+    assert eng.admission.counts() == (0, 0)
+
+
+@pytest.mark.parametrize("fn", ["respond", "compare"])
+def test_a_client_gone_at_the_first_update_cancels_its_generation(app, fn):
+    """The first update is already inside the try/finally: closing the handler there (what
+    Gradio does when the client disconnects) stops the generation."""
+    h = Handlers(app.engine, app.registry)
+    visitor = types.SimpleNamespace(session_hash=f"gone-{fn}")
+    settings = (900, 0.0, 1.0, 1.0, -1)
+    if fn == "respond":
+        gen = h.respond_fn()(Q, [], "adapter:r0", "", *settings, visitor)
+    else:
+        gen = h.compare_fn()(Q, [], [], "adapter:r0", "adapter:r1", "", *settings, visitor)
+    next(gen)  # the first update: the conversation with the question
+    assert app.engine.active() >= 1
+    gen.close()
+    deadline = time.time() + 5
+    while app.engine.active() and time.time() < deadline:
+        time.sleep(0.02)
+    assert app.engine.active() == 0
+
+
+def test_the_answer_length_slider_stops_at_the_servers_limit(app):
+    import gradio as gr
+
+    from medchat.backend import Limits
+
+    eng = Engine(app.registry, device="cpu", limits=Limits(max_new_tokens=300, max_waiting=5))
+    demo = build_app(eng, app.registry)
+    slider = next(b for b in demo.blocks.values()
+                  if isinstance(b, gr.Slider) and b.label == "Max new tokens")
+    assert slider.maximum == 300 and slider.value <= 300
+    assert demo._queue.max_size == 5
+
+
+def test_add_from_hub_defaults_and_the_visitors_pull(monkeypatch, tmp_path):
+    """Off beyond loopback, with a public link and on a Space unless asked for; a visitor's
+    pull is anonymous unless the operator lends the token, and capped in size."""
+    allowed = medchat.server.hub_pull_allowed
+    assert allowed(None, "127.0.0.1", False, False) and allowed(None, "localhost", False, False)
+    assert not allowed(None, "0.0.0.0", False, False)
+    assert not allowed(None, "192.168.1.4", False, False)
+    assert not allowed(None, "127.0.0.1", True, False)
+    assert not allowed(None, "127.0.0.1", False, True) and not allowed(True, "::", False, True)
+    assert allowed(True, "0.0.0.0", False, False) and not allowed(False, "127.0.0.1", False, False)
+    calls = []
+    monkeypatch.setattr(medchat.server, "pull", lambda *a, **k: calls.append((a, k)) or tmp_path)
+    medchat.server.ui_pull(False, 2.5)("o/r", revision="v1", runs_dir=tmp_path)
+    medchat.server.ui_pull(True, 1)("o/r", revision=None, runs_dir=tmp_path)
+    assert calls == [(("o/r",), dict(anonymous=True, max_bytes=2_500_000_000, revision="v1",
+                                     runs_dir=tmp_path)),
+                     (("o/r",), dict(anonymous=False, max_bytes=1_000_000_000, revision=None,
+                                     runs_dir=tmp_path))]
+
+
+def test_limit_flags_and_keys_are_checked_before_anything_loads(monkeypatch, capsys):
+    monkeypatch.delenv("MEDCHAT_TEST_KEY", raising=False)
+    assert medchat.server.main(["--api-key-env", "MEDCHAT_TEST_KEY", "--base", "/nowhere"]) == 2
+    assert "MEDCHAT_TEST_KEY: that environment variable is empty" in capsys.readouterr().err
+    assert medchat.server.main(["--backend", "openai"]) == 2
+    assert "--backend openai needs --backend-url" in capsys.readouterr().err
+    assert medchat.server.main(["--concurrency", "0"]) == 2
+    assert "max_active" in capsys.readouterr().err
+
+
+def test_app_with_a_server_backend_serves_the_ui_and_v1_through_it(app, monkeypatch):
+    """`medchat app --backend openai --backend-url URL --dialect medchat`: the UI and /v1 answer
+    through the server at URL (here the fixture's app), as it answers itself."""
+    from gradio_client import Client
+    import openai
+
+    served = {}
+    real_serve = medchat.app.serve
+
+    def fake_serve(demo, host, port, share, **kw):
+        served["demo"] = demo
+        real_serve(demo, host=host, port=port, prevent_thread_lock=True, quiet=True)
+
+    monkeypatch.setattr(medchat.app, "serve", fake_serve)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    port = free_port()
+    assert launch.main(["--runs", str(app.runs), "--base", str(app.base), "--port", str(port),
+                        "--device", "cpu", "--backend", "openai", "--backend-url",
+                        app.url.rstrip("/"), "--dialect", "medchat"]) == 0
+    seen = []  # what the fixture's engine (the server) was asked
+    real_start = app.engine._start
+    monkeypatch.setattr(app.engine, "_start", lambda e, r: seen.append(e.id) or real_start(e, r))
+    try:
+        ui = ask(Client(f"http://127.0.0.1:{port}/", verbose=False), "adapter:r1")
+        assert seen == ["adapter:r1"]
+        assert ui == ask(client(app), "adapter:r1")
+        v1 = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in v1.models.list().data] == ["base", "adapter:r0", "adapter:r1",
+                                                          "merged:r0"]
+        got = v1.chat.completions.create(model="merged:r0", messages=[
+            {"role": "user", "content": Q}], max_tokens=24, temperature=0, top_p=1,
+            extra_body={"repetition_penalty": 1.0})
+        assert seen[-1] == "merged:r0"
+        assert got.choices[0].message.content == ask(client(app), "merged:r0")
+    finally:
+        served["demo"].close()

@@ -65,6 +65,28 @@ def build_tiny_model(folder: str | Path, seed: int = 0, hidden: int = 64, layers
     return folder
 
 
+def remote_code_model(model_dir: str | Path, folder: str | Path) -> Path:
+    """A copy of a tiny model whose classes live in its own folder, like InternLM2 on the Hub:
+    transformers loads it only with trust_remote_code=True (same tensors and module names)."""
+    import json
+    import shutil
+
+    folder = Path(folder)
+    shutil.copytree(model_dir, folder)
+    (folder / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n"
+        "    model_type = 'tiny_remote'\n")
+    (folder / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n"
+        "\n\nclass TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="tiny_remote", architectures=["TinyForCausalLM"],
+               auto_map={"AutoConfig": "configuration_tiny.TinyConfig",
+                         "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 if __name__ == "__main__":
     import sys
 

@@ -38,6 +38,7 @@ from medchat.backend import (Backend, BackendError, ChatRequest,  # noqa: E402
 from medchat.base_model import looks_like_repo_id  # noqa: E402
 from medchat.openai_api import build_routes  # noqa: E402
 from medchat.registry import BASE_ID, Registry, UnknownModelError  # noqa: E402
+from medchat.run_folder import Run  # noqa: E402
 
 DISCLAIMER = ("**Not medical advice.** Answers come from a small language model fine-tuned on "
               "MedicationQA; they can be wrong or out of date. Ask a doctor or pharmacist before "
@@ -53,6 +54,7 @@ CSS = """
 
 # Errors a request can cause; shown to the user as they are.
 REQUEST_ERRORS = (UnknownModelError, BackendError, SettingsError)
+EVAL_REPORT_CHARS = 200_000  # the most of a run's eval.md the Compare tab shows
 
 # pull(repo_id, revision=..., runs_dir=...) -> the run folder it wrote (hub.pull.pull with the
 # operator's choices of token and size cap bound in by the server)
@@ -154,6 +156,28 @@ class Handlers:
             return self.registry.get(model_id).system_prompt
         except UnknownModelError:
             return ""
+
+    def evaluation(self, model_id: str) -> str:
+        """The held-out evaluation of the selected model's run (its eval.md: scores, changes
+        from the base with 95% intervals, per question type, the safety slice, answers next to
+        the gold ones), for the Compare tab."""
+        try:
+            entry = self.registry.get(model_id)
+        except UnknownModelError:
+            return ""
+        if entry.run_dir is None:
+            return ("*The base model has no evaluation of its own: pick a fine-tuned model as "
+                    "B to see how its run's evaluation compares it with the base.*")
+        report = Run(entry.run_dir).eval_report_path
+        try:
+            with open(report, encoding="utf-8", errors="replace") as f:
+                text = f.read(EVAL_REPORT_CHARS + 1)
+        except OSError:
+            return (f"*Run `{entry.run}` has not been evaluated yet "
+                    f"(`medchat evaluate {entry.run}` writes its report).*")
+        if len(text) > EVAL_REPORT_CHARS:  # a report is far smaller; never send a huge file
+            text = text[:EVAL_REPORT_CHARS] + "\n\n*(report cut here)*"
+        return text
 
     def models(self) -> list[dict]:
         return [{"id": e.id, "kind": e.kind, "label": e.label} for e in self.registry.entries()]
@@ -322,6 +346,7 @@ class CompareTab:
     stop: gr.Button
     status: gr.Markdown
     clear: gr.Button
+    report: gr.Markdown
 
 
 @dataclass
@@ -370,8 +395,9 @@ def chat_tab(registry: Registry, first: str) -> ChatTab:
     return ChatTab(model, refresh, chatbot, box, send, stop, status, examples, clear)
 
 
-def compare_tab(registry: Registry, first: str) -> CompareTab:
-    """Two selectors (base vs the selected fine-tuned model) and two conversations."""
+def compare_tab(registry: Registry, first: str, h: Handlers) -> CompareTab:
+    """Two selectors (base vs the selected fine-tuned model), two conversations, and the
+    evaluation of model B's run."""
     with gr.Tab("Compare", id="compare"):
         with gr.Row():
             ids = registry.ids()
@@ -390,7 +416,9 @@ def compare_tab(registry: Registry, first: str) -> CompareTab:
             stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
         status = gr.Markdown(elem_id="cstatus")
         clear = gr.Button("Clear", size="sm")
-    return CompareTab(model_a, model_b, chat_a, chat_b, box, send, stop, status, clear)
+        with gr.Accordion("Evaluation of model B's run on its held-out questions", open=False):
+            report = gr.Markdown(h.evaluation(second), elem_id="eval_report")
+    return CompareTab(model_a, model_b, chat_a, chat_b, box, send, stop, status, clear, report)
 
 
 def settings_panel(registry: Registry, first: str, placeholder: str,
@@ -451,6 +479,8 @@ def wire_compare(tab: CompareTab, settings: SettingsPanel, compare: Callable, h:
     tab.stop.click(h.stop_ui, None, None, cancels=runs, api_visibility="private", queue=False)
     tab.clear.click(lambda: ([], [], ""), None, [tab.chat_a, tab.chat_b, tab.status],
                     api_visibility="private", queue=False)
+    tab.model_b.change(h.evaluation, tab.model_b, tab.report, api_visibility="private",
+                       queue=False)
 
 
 def wire_refresh(chat: ChatTab, compare: CompareTab, h: Handlers) -> None:
@@ -506,7 +536,7 @@ def build_app(backend: Backend, registry: Registry, *, pull: PullFunction | None
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
         with gr.Tabs():
             chat = chat_tab(registry, first)
-            compare = compare_tab(registry, first)
+            compare = compare_tab(registry, first, h)
         settings = settings_panel(registry, first, h.placeholder(first),
                                   limits.max_new_tokens)
         wire_chat(chat, settings, wrap(h.respond_fn()), h, limit)

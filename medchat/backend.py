@@ -133,7 +133,7 @@ class Limits:
     max_system_chars: int = 4_000  # a system prompt the visitor sets
     max_new_tokens: int = 2_048  # longest answer (the UI slider stops here too)
     max_stop_strings: int = 8  # extra stop strings of one request (each at most 64 chars)
-    max_active: int = 4  # generations at once (Compare runs two)
+    max_active: int = 8  # generations at once (Compare runs two); decoded together in one batch
     max_waiting: int = 16  # requests waiting for a slot; one more is told "busy, retry"
 
     def __post_init__(self) -> None:

@@ -16,8 +16,9 @@ The operator's limits (`medchat app --help`): message and history size, one answ
 for the UI and the API, generations at once (Compare counts two) and the waiting line behind
 them; a request beyond the line is told "busy, retry" (HTTP 429 on /v1).
 
-"Add from Hub" is off unless asked for, and by default only on when the app listens on loopback
-without --share; a visitor's pull is anonymous (the operator's Hub token only with
+"Add from Hub" follows --hub-pull/--no-hub-pull; without either it is on only when the app listens
+on loopback without --share (the visitor is then the operator), off beyond loopback, with --share
+and always on a Space; a visitor's pull is anonymous (the operator's Hub token only with
 --hub-pull-token) and capped in size.
 
 On a Hugging Face Space (SPACE_ID set) it binds 0.0.0.0:$PORT (7860), hides "Add from Hub",
@@ -164,7 +165,7 @@ def app_command(*, host: str | None = None, port: int | None = None, share: bool
                 runs: str | None = None, base: str | None = None, revision: str | None = None,
                 model: str | None = None, space_config: str | None = None,
                 device: str = "auto", max_cached_models: int = 2,
-                max_context: int | None = None, concurrency: int = 4, queue_size: int = 16,
+                max_context: int | None = None, concurrency: int = 8, queue_size: int = 16,
                 max_message_chars: int = 8000, max_history_chars: int = 64000,
                 max_new_tokens: int = 2048,
                 backend: Literal["in-process", "openai"] = "in-process",

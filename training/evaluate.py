@@ -39,7 +39,7 @@ import string
 import sys
 import time
 from collections import Counter
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -240,7 +240,9 @@ def answer_all(backend: Backend, model: str, prompts: list[list[dict[str, str]]]
         futures = {pool.submit(one, j): j for j in range(len(prompts))}
         pending = set(futures)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            # FIRST_COMPLETED: the bar moves with every answer and a failure stops at once
+            # (FIRST_EXCEPTION would return only when all are done)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in done:
                 if f.exception() is not None:
                     for p in pending:

@@ -36,6 +36,7 @@ import gradio as gr  # noqa: E402
 from medchat.backend import (Backend, BackendError, ChatRequest,  # noqa: E402
                              GenerationSettings, SettingsError, Stream)
 from medchat.base_model import looks_like_repo_id  # noqa: E402
+from medchat.errors import without_local_paths  # noqa: E402
 from medchat.openai_api import build_routes  # noqa: E402
 from medchat.registry import BASE_ID, Registry, UnknownModelError  # noqa: E402
 from medchat.run_folder import Run  # noqa: E402
@@ -52,7 +53,7 @@ CSS = """
 #status {min-height: 1.5em; font-size: 0.85em; color: #6b7280}
 """
 
-# Errors a request can cause; shown to the user as they are.
+# Errors a request can cause; shown to the user as they are, but for this machine's paths.
 REQUEST_ERRORS = (UnknownModelError, BackendError, SettingsError)
 EVAL_REPORT_CHARS = 200_000  # the most of a run's eval.md the Compare tab shows
 
@@ -70,6 +71,11 @@ def _settings(max_new_tokens, temperature, top_p, repetition_penalty, seed,
     return GenerationSettings.from_defaults(
         defaults, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed)
+
+
+def _shown(e: BaseException | str) -> gr.Error:
+    """An error as a visitor sees it: its message without this machine's paths."""
+    return gr.Error(without_local_paths(str(e)))
 
 
 def _status(stream: Stream) -> str:
@@ -148,7 +154,7 @@ class Handlers:
                     _settings(*settings, defaults=entry.generation), owner))
             return self.backend.stream_all(requests)
         except REQUEST_ERRORS as e:
-            raise gr.Error(str(e)) from None
+            raise _shown(e) from None
 
     def placeholder(self, model_id: str) -> str:
         """The model's own system prompt, shown greyed in the system prompt box."""
@@ -211,7 +217,7 @@ class Handlers:
                     _append(history, piece)
                     yield history, "", ""
             except BackendError as e:
-                raise gr.Error(str(e)) from None
+                raise _shown(e) from None
             finally:
                 stream.cancel()  # no-op when finished; stops generation when the client went away
             yield history, "", _status(stream)
@@ -244,7 +250,7 @@ class Handlers:
                     _append(hists[i], piece)
                     yield hists[0], hists[1], "", ""
             except BackendError as e:
-                raise gr.Error(str(e)) from None
+                raise _shown(e) from None
             finally:
                 for s in streams:  # no-op when finished; stops both when the client went away
                     s.cancel()
@@ -269,7 +275,7 @@ class Handlers:
                 for _ in stream.batched(self.interval):
                     yield stream.text
             except BackendError as e:
-                raise gr.Error(str(e)) from None
+                raise _shown(e) from None
             finally:
                 stream.cancel()
             if not stream.text:
@@ -294,7 +300,7 @@ class Handlers:
         qs = self.registry.examples(limit=8, model_id=keep[0]) or FALLBACK_EXAMPLES
         note = "; ".join(self.registry.problems)
         if note:
-            gr.Warning(f"Some runs were skipped: {note}")
+            gr.Warning(without_local_paths(f"Some runs were skipped: {note}"))
         return (gr.update(choices=choices, value=keep[0]),
                 gr.update(choices=choices, value=keep[1]),
                 gr.update(choices=choices, value=keep[2]),
@@ -309,7 +315,7 @@ class Handlers:
         try:
             run_dir = self.pull(repo_id, revision=rev, runs_dir=self.registry.runs_dir)
         except Exception as e:  # network, missing repo, not a medchat repo: tell the user
-            raise gr.Error(f"Could not add {repo_id}: {type(e).__name__}: {e}") from None
+            raise _shown(f"Could not add {repo_id}: {type(e).__name__}: {e}") from None
         self.registry.refresh()
         run_name = Path(run_dir).name
         new = [i for i in self.registry.ids() if i.split(":", 1)[-1] == run_name]
@@ -559,9 +565,10 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: boo
           **kwargs: Any):
     """Launch with the app's theme and CSS (Gradio 6 takes both at launch) and the /v1 routes
     `build_app` made, served by Gradio's own FastAPI app on the same port (its routes are
-    matched before Gradio's)."""
+    matched before Gradio's). show_error is off: a visitor sees gr.Error messages, never the
+    raw text of another exception."""
     app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
     app_kwargs["routes"] = list(app_kwargs.get("routes", [])) + getattr(demo, "medchat_routes",
                                                                         [])
     return demo.launch(server_name=host, server_port=port, share=share, theme=theme(), css=CSS,
-                       show_error=True, app_kwargs=app_kwargs, **kwargs)
+                       show_error=False, app_kwargs=app_kwargs, **kwargs)

@@ -67,8 +67,13 @@ def looks_like_repo_id(name: str | None) -> bool:
 
 
 def resolve_base_model(name: str = DEFAULT_BASE_MODEL, revision: str | None = None,
-                       progress: bool = True) -> ResolvedModel:
-    """Return a local folder for `name` (a path or a Hub id), preparing it if needed."""
+                       progress: bool = True, *, token: str | bool | None = None,
+                       max_bytes: int | None = None) -> ResolvedModel:
+    """Return a local folder for `name` (a path or a Hub id), preparing it if needed.
+
+    `token`: huggingface_hub's (None: the configured one; False: anonymous). `max_bytes`: a
+    download larger than this is refused before it starts (the bases of runs pulled by visitors:
+    they must not make the server fetch whatever it can reach, or fill its disk)."""
     p = Path(name).expanduser()
     if p.exists():
         if not _is_model_dir(p):
@@ -84,8 +89,13 @@ def resolve_base_model(name: str = DEFAULT_BASE_MODEL, revision: str | None = No
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS)
+        if max_bytes is not None:
+            _check_download_size(name, revision, token, max_bytes)
+        folder = snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS,
+                                   token=token)
         return ResolvedModel(Path(folder), name, revision, "hub")
+    except BaseModelError:
+        raise
     except Exception as e:  # offline, unknown repo, gated...: try the fallback, then report
         hub_error = e
     if name in OFFLINE_FALLBACKS:
@@ -99,12 +109,32 @@ def resolve_base_model(name: str = DEFAULT_BASE_MODEL, revision: str | None = No
         "and pass that folder instead")
 
 
-def resolve_ref(ref: BaseModelRef, progress: bool = True) -> ResolvedModel:
+def _check_download_size(name: str, revision: str | None, token: str | bool | None,
+                         max_bytes: int) -> None:
+    """Refuse a Hub download of `name` whose files (those HUB_PATTERNS fetches) exceed
+    `max_bytes`, before any of them is fetched."""
+    import fnmatch
+
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(name, revision=revision, files_metadata=True, token=token)
+    total = sum(s.size or 0 for s in info.siblings or []
+                if any(fnmatch.fnmatch(s.rfilename, p) for p in HUB_PATTERNS))
+    if total > max_bytes:
+        raise BaseModelError(f"base model {name!r} is {total / 1e9:.2f} GB, more than the "
+                             f"{max_bytes / 1e9:.2f} GB this server downloads for a pulled run; "
+                             "the operator can prepare it (`medchat prepare-base`) or raise the cap")
+
+
+def resolve_ref(ref: BaseModelRef, progress: bool = True, *, token: str | bool | None = None,
+                max_bytes: int | None = None) -> ResolvedModel:
     """The folder of a run's base model: where training loaded it, when that folder is still
-    there, else its Hub id (or name) through `resolve_base_model`."""
+    there, else its Hub id (or name) through `resolve_base_model` (`token`, `max_bytes` as
+    there)."""
     if ref.local_path and Path(ref.local_path).is_dir():
         return ResolvedModel(Path(ref.local_path), ref.hub_id, ref.revision, "local")
-    return resolve_base_model(ref.hub_id or ref.name, ref.revision, progress=progress)
+    return resolve_base_model(ref.hub_id or ref.name, ref.revision, progress=progress,
+                              token=token, max_bytes=max_bytes)
 
 
 def _gguf_file(package: str, filename: str) -> Path:

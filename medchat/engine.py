@@ -65,6 +65,8 @@ class Engine(Backend):
     def __init__(self, registry: Registry, device: str = "auto", dtype: str = "auto",
                  max_cached_models: int = 2, max_context: int | None = None,
                  limits: Limits | None = None, *, allow_remote_code: bool = False,
+                 pulled_base_token: str | bool | None = False,
+                 pulled_base_max_bytes: int | None = 5_000_000_000,
                  scheduler: SchedulerConfig | None = None):
         super().__init__(registry, limits)
         self.device = resolve_device(device)
@@ -72,6 +74,10 @@ class Engine(Backend):
         self.max_cached_models = max(0, int(max_cached_models))
         self.max_context = max_context
         self.allow_remote_code = bool(allow_remote_code)
+        # the base of a run pulled from the Hub is fetched anonymously (False) unless the
+        # operator hands its token over, and only up to this size
+        self.pulled_base_token = pulled_base_token
+        self.pulled_base_max_bytes = pulled_base_max_bytes
         self._cache = ModelCache(self.device, self.dtype, self.max_cached_models, max_context,
                                  scheduler)
 
@@ -162,6 +168,11 @@ class Engine(Backend):
                     f"{str(repo)[:200]!r} is neither a Hub id (owner/name) nor this server's base "
                     f"{self.registry.base_name}; it cannot be served here")
             ref = BaseModelRef(name=repo, revision=ref.revision, hub_id=repo)
+            try:
+                return resolve_ref(ref, progress=True, token=self.pulled_base_token,
+                                   max_bytes=self.pulled_base_max_bytes).path
+            except BaseModelError as e:
+                raise BackendError(str(e)) from e
         try:
             return resolve_ref(ref, progress=True).path
         except BaseModelError as e:

@@ -26,7 +26,8 @@ Nothing here makes one request wait on another model:
     first. Eviction drops the cache's reference only: generations running on an evicted model
     finish normally, and its loop thread then ends.
 
-Models load with safetensors only; `trust_remote_code` only when the caller says so (the engine
+Models load with safetensors only, from files inside their folder (a checkpoint index naming
+files elsewhere is refused); `trust_remote_code` only when the caller says so (the engine
 decides from the run's manifest and the operator's settings).
 """
 
@@ -231,8 +232,12 @@ class ModelCache:
         with self._tok_lock:
             tok = self._tokenizers.get(key)
         if tok is None:
-            tok = AutoTokenizer.from_pretrained(str(folder),
-                                                trust_remote_code=_decide(trust_remote_code))
+            remote = _decide(trust_remote_code)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=remote)
+            except Exception as e:  # a pulled folder's files can make it raise anything
+                raise BackendError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: "
+                                   f"{_first_line(e)})") from e
             ensure_chat_template(tok, template)
             with self._tok_lock:
                 tok = self._tokenizers.setdefault(key, tok)
@@ -270,11 +275,12 @@ class ModelCache:
         from transformers import AutoModelForCausalLM
 
         t0 = time.perf_counter()
+        check_weight_files(Path(folder))
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=self.dtype, trust_remote_code=trust_remote_code,
                 use_safetensors=True)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # a pulled folder's config can make it raise anything
             raise BackendError(f"{folder}: cannot load the model ({type(e).__name__}: "
                               f"{_first_line(e)})") from e
         model.to(self.device).eval()
@@ -285,6 +291,27 @@ class ModelCache:
                  self.device, self.dtype)
         loop = ModelLoop(model, self.device, name=Path(folder).name, config=self.scheduler)
         return LoadedModel(key=folder, model=model, context=int(ctx), loop=loop)
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a sharded checkpoint whose index names weight files outside `folder`:
+    transformers joins each file name of the index's weight_map to the folder as it is, so
+    '../x.safetensors' or an absolute path would load weights from anywhere on this machine
+    (and a pulled repo's index is someone else's)."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BackendError(f"{index}: unreadable ({type(e).__name__}); re-save the model") \
+                from e
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise BackendError(f"{index}: no weight_map; re-save the model")
+        for name in sorted(set(map(str, weight_map.values()))):
+            if name != Path(name).name or name in ("", ".", "..") or "\\" in name:
+                raise BackendError(f"{index}: names the weight file {name!r:.120}, which is not "
+                                   "a file of the model's own folder; only weights inside it "
+                                   "are loaded")
 
 
 def check_adapter(path: Path) -> dict[str, Any]:

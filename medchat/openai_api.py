@@ -41,6 +41,7 @@ from typing import Any
 from medchat.backend import (Backend, BackendError, ChatRequest, GenerationSettings, LimitError,
                              Limits, ModelUnavailableError, OverloadedError, SettingsError, Stream)
 from medchat.chat_format import prompt_ids
+from medchat.errors import without_local_paths
 from medchat.registry import ModelEntry, UnknownModelError
 from medchat.remote_backend import entry_tokenizer
 
@@ -89,8 +90,8 @@ def _param_of(message: str) -> str | None:
 
 
 def api_error(e: BaseException) -> ApiError:
-    """A backend error as the API answers it."""
-    text = str(e)
+    """A backend error as the API answers it (without this machine's paths)."""
+    text = without_local_paths(str(e))
     if isinstance(e, UnknownModelError):
         return ApiError(404, text, param="model", code="model_not_found")
     if isinstance(e, OverloadedError):
@@ -310,7 +311,7 @@ def build_routes(backend: Backend, api_key: str | None = None) -> list:
                                code="request_too_large")
         try:
             return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested too deep too
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
     def entry_for(model_id: str) -> ModelEntry:
@@ -382,7 +383,9 @@ def build_routes(backend: Backend, api_key: str | None = None) -> list:
             ids = await run_in_threadpool(prompt_ids, tok, messages)
         except ApiError as e:
             return error_response(e)
-        except (BackendError, OSError, ValueError) as e:
+        except Exception as e:  # every backend error has its answer; others are 500
+            if not isinstance(e, (BackendError, OSError, ValueError)):
+                log.exception("tokenize failed")
             return error_response(api_error(e))
         return JSONResponse({"count": len(ids), "tokens": ids})
 

@@ -80,7 +80,12 @@ def _tokenizer(folder: str, template: str | None):
     # transformers is imported in functions: importing this module stays cheap
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:  # a pulled folder's files can make it raise anything
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise BackendError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: "
+                           f"{first})") from e
     ensure_chat_template(tok, template)
     return tok
 

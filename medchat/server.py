@@ -213,9 +213,10 @@ def app_command(*, host: str | None = None, port: int | None = None, share: bool
         openai_api: serve the OpenAI-compatible API under /v1
         hub_pull: show the 'Add from Hub' control (default: only when listening on loopback
             without --share, and never on a Space)
-        hub_pull_token: pull from the UI with the operator's Hub token (default: anonymously,
-            so visitors reach public repos only)
-        hub_pull_max_gb: largest repo the UI may pull, in GB
+        hub_pull_token: pull from the UI, and fetch the bases of pulled runs, with the operator's
+            Hub token (default: anonymously, so visitors reach public repos only)
+        hub_pull_max_gb: largest repo the UI may pull, and largest base a pulled run may make
+            the server download, in GB
         allow_remote_code: let runs pulled from the Hub whose manifest asks for
             trust_remote_code load their model with it (their code then runs on this server)
     """
@@ -264,7 +265,11 @@ def app_command(*, host: str | None = None, port: int | None = None, share: bool
         raise UserError(f"--model {model!r} is not registered; choose one of: "
                         f"{', '.join(registry.ids())}")
     engine = Engine(registry, device=device, max_cached_models=max_cached_models,
-                    max_context=max_context, limits=limits, allow_remote_code=allow_remote_code)
+                    max_context=max_context, limits=limits, allow_remote_code=allow_remote_code,
+                    # a pulled run's base: fetched as the visitor's pull was (anonymously unless
+                    # --hub-pull-token) and within the same size cap
+                    pulled_base_token=None if hub_pull_token else False,
+                    pulled_base_max_bytes=int(hub_pull_max_gb * 1e9))
     t1 = time.perf_counter()
     chosen: Backend
     if backend == "openai":

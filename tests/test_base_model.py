@@ -53,3 +53,26 @@ def test_repo_id_check_is_strict(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "owner" / "model").mkdir(parents=True)
     assert not looks_like_repo_id("owner/model")  # an existing folder is a folder, not a repo
+
+
+def test_a_capped_anonymous_download_is_refused_before_fetching(fake_hub, tiny_model_dir,
+                                                                monkeypatch, tmp_path):
+    """The bases of pulled runs: fetched without the operator's token when told so, and a
+    repo over the size cap is refused before any file is downloaded."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("MEDCHAT_CACHE", str(tmp_path / "cache"))
+    fake_hub.add_user("hf_operator_token", "operator")
+    monkeypatch.setenv("HF_TOKEN", "hf_operator_token")
+    api = HfApi()
+    api.create_repo("operator/some-base")
+    api.upload_folder(repo_id="operator/some-base", folder_path=str(tiny_model_dir))
+    size = sum(f.stat().st_size for f in tiny_model_dir.iterdir() if f.is_file())
+    before = len(fake_hub.requests)
+    with pytest.raises(BaseModelError, match="more than the"):
+        resolve_base_model("operator/some-base", token=False, max_bytes=size // 2)
+    assert not [r for r in fake_hub.requests[before:] if "/resolve/" in r[1]]
+    before_auth = len(fake_hub.auth_paths)
+    got = resolve_base_model("operator/some-base", token=False, max_bytes=size * 2)
+    assert got.source == "hub" and (got.path / "config.json").is_file()
+    assert fake_hub.auth_paths[before_auth:] == []  # anonymous: no bearer on any request

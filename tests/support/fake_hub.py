@@ -135,6 +135,7 @@ class FakeHub:
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status); never headers
         self.errors: list[str] = []  # tracebacks of unexpected server-side exceptions
         self.seen_auth: list[str] = []  # endpoints that received a bearer (values never kept)
+        self.auth_paths: list[str] = []  # request paths that carried a bearer (values never kept)
         self._faults: dict[str, list[int]] = collections.defaultdict(list)
         self._secret = secrets.token_bytes(16)  # signs LFS upload URLs
         self._server: ThreadingHTTPServer | None = None
@@ -307,6 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.hub.stats[name] += 1
                     if self.headers.get("authorization"):
                         self.hub.seen_auth.append(name)
+                        self.hub.auth_paths.append(path)
                     faults = self.hub._faults.get(name)
                     fault = faults.pop(0) if faults else None
                 if fault is not None:

@@ -293,6 +293,37 @@ def test_a_template_ollama_cannot_express_stops_the_export_before_converting(tin
     assert calls == [] and not tiny_run.gguf_dir.exists()
 
 
+def test_a_base_with_its_own_code_is_loaded_as_the_manifest_says(tiny_run, monkeypatch):
+    """trust_remote_code follows the manifest into the on-the-fly merge and the tokenizer; for a
+    pulled run only with --trust-remote-code, refused before anything runs otherwise."""
+    from medchat.run_folder import SourceRecord
+
+    seen: list = []
+    real_merge, real_tok = export.merge, export.run_tokenizer
+    monkeypatch.setattr(export, "merge", lambda *a, **kw: seen.append(
+        ("merge", kw.get("trust_remote_code"))) or real_merge(*a, **kw))
+    monkeypatch.setattr(export, "run_tokenizer", lambda *a: seen.append(
+        ("tokenizer", a[2] if len(a) > 2 else False)) or real_tok(*a))
+    monkeypatch.setattr(export, "run_converter", _fake_converter())
+    export_gguf(tiny_run, "f16", progress=False)
+    assert seen == [("merge", False), ("tokenizer", False)]
+
+    base = dataclasses.replace(tiny_run.manifest().base_model, trust_remote_code=True)
+    tiny_run.update_manifest(base_model=base)
+    seen.clear()
+    export_gguf(tiny_run, "f16", progress=False, overwrite=True)
+    assert seen == [("merge", True), ("tokenizer", True)]
+
+    tiny_run.update_manifest(source=SourceRecord(hub_repo="someone/adapter"))
+    seen.clear()
+    with pytest.raises(ExportError, match="someone/adapter.*--trust-remote-code"):
+        export_gguf(tiny_run, "f16", progress=False, overwrite=True)
+    assert seen == []
+    assert call(export_command, ["gguf", str(tiny_run.path), "--overwrite",
+                                 "--trust-remote-code", "--quiet"], "medchat export") == 0
+    assert seen == [("merge", True), ("tokenizer", True)]
+
+
 def test_export_refuses_adapters_llama_cpp_cannot_express(tiny_run, monkeypatch):
     cfg_path = tiny_run.adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())

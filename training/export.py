@@ -263,12 +263,13 @@ class Check:
     note: str = ""
 
 
-def run_tokenizer(folder: Path, template: str | None):
-    """The run's tokenizer: `folder`'s (merged model, adapter or base) with the run's template."""
+def run_tokenizer(folder: Path, template: str | None, trust_remote_code: bool = False):
+    """The run's tokenizer: `folder`'s (merged model, adapter or base) with the run's template
+    (`trust_remote_code`: the tokenizer's own code, when the run's base ships one)."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ExportError(f"{folder}: tokenizer cannot be loaded ({type(e).__name__}: {e})") from e
     ensure_chat_template(tok, template or None)
@@ -560,13 +561,20 @@ def _file_entry(path: Path, role: str) -> ExportedFile:
 
 def export_gguf(run: Run | str, gguf_type: str = "f16", *, adapter_only: bool = False,
                 overwrite: bool = False, progress: bool = True,
-                fetch: bool = True) -> ExportResult:
+                fetch: bool = True, allow_remote_code: bool = False) -> ExportResult:
     """Export a run as GGUF into its gguf folder (see the module docstring); returns what was
-    written and every check made."""
+    written and every check made. A base whose manifest says it needs trust_remote_code is
+    loaded with it (as training loaded it); for a run pulled from the Hub only when
+    `allow_remote_code` (the repo's code would run here), as `medchat merge` decides."""
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"--type {gguf_type!r}: one of {', '.join(GGUF_TYPES)}")
     run = run if isinstance(run, Run) else Run.open(run)
     manifest = run.manifest()
+    trust = bool(manifest.base_model.trust_remote_code)
+    if trust and manifest.source.hub_repo and not allow_remote_code:
+        raise ExportError(f"run {manifest.name} was pulled from {manifest.source.hub_repo} and its "
+                          "base model runs its own code (trust_remote_code); pass "
+                          "--trust-remote-code if you trust that repo")
     if run.gguf_dir.exists() and not overwrite:
         raise ExportError(f"{run.gguf_dir} already exists; pass --overwrite to replace it")
     if not adapter_only and not run.has_merged() and not run.has_adapter():
@@ -600,12 +608,13 @@ def export_gguf(run: Run | str, gguf_type: str = "f16", *, adapter_only: bool = 
                 src = work_dir / "merged-model"
                 merge(base_dir, run.adapter_dir, src, dtype="float32" if gguf_type == "f32"
                       else "auto", chat_template=manifest.chat.template,
-                      stop_tokens=manifest.chat.stop_tokens, progress=False)
+                      stop_tokens=manifest.chat.stop_tokens, progress=False,
+                      trust_remote_code=trust)
                 seconds["merge"] = round(time.perf_counter() - t0, 2)
                 source = "the run's adapter merged on the fly into its base (training.merge)"
             tok_dir = (run.adapter_dir if adapter_only and any(run.adapter_dir.glob("tokenizer*"))
                        else src)
-            tok = run_tokenizer(tok_dir, manifest.chat.template)
+            tok = run_tokenizer(tok_dir, manifest.chat.template, trust)
             window = context_length(src)
             exp = expected_for(manifest, tok, gguf_type, window)
             meta = _metadata_override(manifest, work_dir / "metadata.json", window)
@@ -784,7 +793,7 @@ def human(n: int) -> str:
 def export_command(format: Literal["gguf"], run: str, *,  # noqa: A002
                    type: Literal["f16", "q8_0", "f32"] = "f16",  # noqa: A002
                    adapter_only: bool = False, overwrite: bool = False,
-                   quiet: bool = False) -> int:
+                   trust_remote_code: bool = False, quiet: bool = False) -> int:
     """Export a run for llama.cpp and Ollama: GGUF files, an Ollama Modelfile, run commands.
 
     The merged model (the run's merged/ if `medchat merge` made it, else merged on the fly in a
@@ -800,10 +809,11 @@ def export_command(format: Literal["gguf"], run: str, *,  # noqa: A002
         type: GGUF weight type: f16, q8_0 (8-bit) or f32
         adapter_only: export the LoRA adapter (for llama.cpp lora / Ollama ADAPTER) and its base
         overwrite: replace an existing gguf/ folder
+        trust_remote_code: allow a pulled run's base model code from its Hub repo
         quiet: no progress messages
     """
     result = export_gguf(run, type, adapter_only=adapter_only, overwrite=overwrite,
-                         progress=not quiet)
+                         progress=not quiet, allow_remote_code=trust_remote_code)
     print(f"exported run '{Run.open(run).name}' as GGUF {result.gguf_type} -> {result.folder}")
     for f in result.files:
         print(f"  {f.name}  {human(f.bytes)}  ({f.role})")

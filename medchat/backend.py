@@ -372,7 +372,9 @@ class Stream:
     # -- the consumer side -----------------------------------------------------------------------
 
     def cancel(self) -> None:
-        """Stop at the next token (the backend then ends the stream and frees its slot)."""
+        """Stop at the next token (the backend then ends the stream and frees its slot). The
+        consumer gets nothing more: pieces already on their way (a server may have sent a burst)
+        are dropped, so what was shown when Stop was pressed is the answer."""
         self.cancel_event.set()
 
     @property
@@ -396,6 +398,8 @@ class Stream:
             piece = self._queue.get()
             if piece is _END:
                 break
+            if self.cancelled:
+                continue  # drained until the backend ends the stream
             self._take(piece)
             yield piece
         self._raise_if_failed()
@@ -415,6 +419,9 @@ class Stream:
                 continue
             if piece is _END:
                 break
+            if self.cancelled:
+                buf = ""
+                continue
             first = self.first_token_s is None
             self._take(piece)
             if first:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from switch_latency import machine, make_runs, write_section  # this script's folder
+from switch_latency import free_port, machine, make_runs, write_section  # this script's folder
 
 from medchat.base_model import resolve_base_model
 from medchat.chat_format import ensure_chat_template, prompt_ids
@@ -46,12 +45,6 @@ from medchat.run_folder import DEFAULT_SYSTEM_PROMPT, Run
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "How should I take metformin, and what side effects should I watch for?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_app(base: Path, runs: Path, port: int, threads: int | None) -> subprocess.Popen:

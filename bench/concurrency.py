@@ -58,7 +58,7 @@ from switch_latency import machine, make_runs, write_section  # this script's fo
 from medchat.base_model import DEFAULT_BASE_MODEL, resolve_base_model
 from medchat.chat_format import ensure_chat_template, prompt_ids
 from medchat.registry import Registry
-from medchat.run_folder import Run, atomic_write_text
+from medchat.run_folder import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["How should I take metformin, and what side effects should I watch for?",
@@ -417,10 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Run {started}. Machine: {host}.", "", f"Command: `{cmd.strip()}`"]
     text = "\n".join(lines)
     print(text)
-    path = Path(args.results)
-    if not path.is_file():
-        atomic_write_text(path, RESULTS_HEADER)
-    write_section(path, "concurrency", text)
+    write_section(Path(args.results), "concurrency", text, RESULTS_HEADER)
     return 0
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -39,6 +38,8 @@ from medchat.run_folder import (DEFAULT_SYSTEM_PROMPT, BaseModelRef, ChatSpec, M
                                 atomic_write_text)
 from training.export import export_gguf, llama_server
 from training.merge import merge_run
+
+from switch_latency import free_port  # this script's folder
 
 # torch, peft and transformers are imported in functions: only the stand-in run and the
 # transformers side need them.
@@ -81,16 +82,10 @@ def scratch_copy(run: Run, into: Path) -> Run:
     return Run(target)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def llama_cpp_decode(binary: Path, gguf: Path, prompt: list[int], tokens: int,
                      repeat: int, threads: int) -> dict:
     """Decode tokens/s reported by llama-server for `tokens` greedy tokens after `prompt`."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port",
                              str(port), "-c", "2048", "-np", "1", "-t", str(threads)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

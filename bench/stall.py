@@ -44,7 +44,7 @@ from medchat.base_model import resolve_base_model
 from medchat.chat_format import ensure_chat_template
 from medchat.engine import Engine, GenerationSettings
 from medchat.registry import Registry
-from medchat.run_folder import Run, atomic_write_text
+from medchat.run_folder import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is metformin used for?"
@@ -255,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Run {started}. Machine: {host}.", "", f"Command: `{cmd.strip()}`"]
     text = "\n".join(lines)
     print(text)
-    path = Path(args.results)
-    if not path.is_file():
-        atomic_write_text(path, RESULTS_HEADER)
-    write_section(path, "stall", text)
+    write_section(Path(args.results), "stall", text, RESULTS_HEADER)
     return 0
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
 import statistics
 import sys
 import tempfile
@@ -162,16 +163,25 @@ def measure(base: Path, runs: Path, names: list[str], switches: int) -> tuple[di
     return o, summary(got["reload"])
 
 
-def write_section(path: Path, key: str, text: str) -> None:
-    """Replace this benchmark's section of the results file (other sections stay)."""
+def write_section(path: Path, key: str, text: str,
+                  header: str = "# Chat app benchmarks\n") -> None:
+    """Replace this benchmark's section of the results file (other sections stay); a new file
+    starts with `header`."""
     start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Chat app benchmarks\n"
+    old = path.read_text(encoding="utf-8") if path.is_file() else header
     block = f"{start}\n{text.rstrip()}\n{end}"
     if start in old and end in old:
         new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     atomic_write_text(path, new)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server a benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def machine() -> str:

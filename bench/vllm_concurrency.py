@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from switch_latency import machine, make_runs, write_section  # this script's folder
+from switch_latency import free_port, machine, make_runs, write_section  # this script's folder
 
 from medchat.base_model import resolve_base_model
 from medchat.registry import Registry
@@ -51,12 +50,6 @@ QUESTIONS = ["How should I take metformin?", "What is lisinopril used for?",
              "How long does amoxicillin take to work?",
              "Can I take omeprazole with food?", "What does warfarin interact with?"]
 MODELS = {"app": ["base", "adapter:a0", "adapter:a1"], "vllm": ["base", "a0", "a1"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -270,11 +263,8 @@ def main(argv: list[str] | None = None) -> int:
               "", f"Command: `{cmd.strip()}`"]
     text = "\n".join(lines)
     print(text)
-    path = Path(args.results)
-    if not path.is_file():
-        path.write_text("# Serving: medchat's backends and vLLM\n", encoding="utf-8")
     key = "vllm_concurrency" + ("" if wanted == {"a", "b", "c"} else "_" + "".join(sorted(wanted)))
-    write_section(path, key, text)
+    write_section(Path(args.results), key, text, "# Serving: medchat's backends and vLLM\n")
     return 0
 
 

@@ -4,7 +4,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,18 +22,13 @@ from medchat.errors import UserError
 from medchat.registry import Registry
 from medchat.server import SpaceConfig, SpaceConfigError, load_space_config
 from tests.support.chat_runs import QUESTIONS, build_runs, make_adapter, reference_answer
+from tests.support.processes import free_port, stop, wait_for_line
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[1]
 Q = QUESTIONS[0]
 GREEDY = dict(system_prompt="", max_new_tokens=24, temperature=0.0, top_p=1.0,
               repetition_penalty=1.0, seed=-1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -187,24 +181,14 @@ def test_python_launch_py_serves_the_app(app, tmp_path):
          str(app.base), "--port", str(port), "--device", "cpu"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines = []
-        deadline = time.time() + 150
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if f"127.0.0.1:{port}" in line:
-                break
-        log = "".join(lines)
+        log = wait_for_line(proc, f"127.0.0.1:{port}")
         assert f"127.0.0.1:{port}" in log, log
         assert "preparing base model" in log and "model(s) ready" in log
         c = Client(f"http://127.0.0.1:{port}/", verbose=False)
         want = reference_answer(app.base, Q, app.runs / "r1" / "adapter", 24)
         assert ask(c, "adapter:r1") == want
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop(proc)
 
 
 def test_space_mode_pulls_configured_models_and_binds_as_spaces_expect(app, tmp_path, monkeypatch):

@@ -18,8 +18,6 @@ unreachable server clearly.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from medchat.registry import Registry, UnknownModelError
 from medchat.remote_backend import RemoteBackend
 from medchat.vllm import setup_venv, venv_python, vllm_plan
 from tests.support.chat_runs import QUESTIONS, make_adapter, merge_run, reference_answer
+from tests.support.processes import free_port, stop, wait_until_up
 from tests.support.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.timeout(600)
@@ -41,12 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0, top_p=1.0,
                             repetition_penalty=1.0)
 MODELS = ["base", "adapter:r0", "adapter:r1", "merged:r0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,32 +63,6 @@ def world(tmp_path_factory):
 
 def registry(world) -> Registry:
     return Registry(world["runs"], base_name=str(world["base"]), base_path=world["base"])
-
-
-def wait_for(url: str, proc: subprocess.Popen, seconds: float, log: Path) -> None:
-    import httpx
-
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {seconds} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def start_app(world, port: int, log: Path) -> subprocess.Popen:
@@ -138,11 +105,11 @@ def backend(request, world, tmp_path_factory):
         proc = start_vllm(world, port, log)
     try:  # the server is stopped whatever happens from here on
         if request.param == "openai-medchat":
-            wait_for(f"http://127.0.0.1:{port}/v1/models", proc, 180, log)
+            wait_until_up(f"http://127.0.0.1:{port}/v1/models", proc, log, 180)
             b = RemoteBackend(registry(world), f"http://127.0.0.1:{port}/v1", dialect="medchat",
                               limits=limits)
         else:
-            wait_for(f"http://127.0.0.1:{port}/v1/models", proc, 600, log)
+            wait_until_up(f"http://127.0.0.1:{port}/v1/models", proc, log, 600)
             local = Engine(registry(world), device="cpu", limits=limits)
             b = RemoteBackend(registry(world), f"http://127.0.0.1:{port}", dialect="vllm",
                               limits=limits, local=local)
@@ -152,7 +119,7 @@ def backend(request, world, tmp_path_factory):
     finally:
         if b is not None:
             b.close()
-        stop(proc)
+        stop(proc, 30)
 
 
 def ask(backend, model: str, question: str = QUESTIONS[0], **settings) -> str:

@@ -8,20 +8,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from medchat.chat_format import Conversation, ensure_chat_template, prompt_ids, stop_token_ids  # noqa: E402
+from medchat.chat_format import ensure_chat_template, prompt_ids, stop_token_ids  # noqa: E402
 from medchat.command_line import call  # noqa: E402
 from tests.support.judge_stub import JudgeStub, prompt_of  # noqa: E402
-from tests.support.merge_runs import TEST_QA, make_adapter, make_run  # noqa: E402
+from tests.support.merge_runs import make_adapter, make_run  # noqa: E402
+from tests.support.processes import free_port, stop, wait_for_line  # noqa: E402
 from training import report, safety  # noqa: E402
 from training.evaluate import (EvalOptions, evaluate_command, evaluate_run,  # noqa: E402
                                pick_sample, prompt_messages, score_answers, token_f1)
@@ -415,23 +414,14 @@ def test_gold_cautions():
 
 # -- through an OpenAI-compatible server ---------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(240)
 def test_evaluate_through_the_openai_backend_equals_in_process(peaked_model_dir, tmp_path):
     """The medchat app's /v1 API in its own process as the server: greedy answers through it
     equal the in-process engine's, and eval.json says the loss was not measured there."""
-    pytest.importorskip("medchat.remote_backend",
-                        reason="medchat.remote_backend (the OpenAI-compatible backend) is not "
-                               "in this checkout yet")
     run = typed_run(peaked_model_dir, tmp_path / "runs" / "srv", seed=5)
     local = evaluate_run(run, EvalOptions(**{**QUICK, "max_new_tokens": 10},
                                           models=("base", "adapter")))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("SPACE_ID", None)
     proc = subprocess.Popen(
@@ -439,22 +429,14 @@ def test_evaluate_through_the_openai_backend_equals_in_process(peaked_model_dir,
          str(peaked_model_dir), "--port", str(port), "--device", "cpu"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines, deadline = [], time.time() + 150
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if f"127.0.0.1:{port}" in line:
-                break
-        assert f"127.0.0.1:{port}" in "".join(lines), "".join(lines)
+        log = wait_for_line(proc, f"127.0.0.1:{port}")
+        assert f"127.0.0.1:{port}" in log, log
         remote = evaluate_run(run, EvalOptions(**{**QUICK, "max_new_tokens": 10},
                                                models=("base", "adapter"),
                                                backend_url=f"http://127.0.0.1:{port}",
                                                dialect="medchat"))
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop(proc)
     for k in ("base", "adapter"):
         assert [i["answers"][k] for i in remote["items"]] == \
             [i["answers"][k] for i in local["items"]], k

@@ -16,7 +16,6 @@ penalty over the whole sequence, the run's stop tokens).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,17 +24,12 @@ import pytest
 
 from medchat.chat_format import prompt_ids, render
 from tests.support.ollama_syntax import check_parameters, parse_modelfile
+from tests.support.processes import free_port
 from training.export import export_gguf, llama_server, read_fields
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 QUESTIONS = [1, 3, 2]  # of the run's held-out questions: two answers end by themselves, one not
 MAX_TOKENS = 160
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -56,7 +50,7 @@ def served(tmp_path_factory):
     run = make_smollm2_run(tmp_path_factory.mktemp("served") / "smol-served")
     merge_run(run, check_prompts=0, progress=False)
     result = export_gguf(run, "f32", progress=False)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(binary), "-m", str(result.folder / result.files[0].name),

@@ -5,7 +5,6 @@ errors, the key, the shared waiting line, and disconnects."""
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 import types
@@ -18,18 +17,13 @@ from medchat.backend import Limits
 from medchat.engine import Engine
 from medchat.registry import Registry
 from tests.support.chat_runs import QUESTIONS, build_runs, reference_answer
+from tests.support.processes import free_port
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(240)
 Q = QUESTIONS[0]
 GREEDY = dict(max_tokens=24, temperature=0.0, top_p=1.0, extra_body={"repetition_penalty": 1.0})
 KEY = "test-key-not-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(engine, registry, **kw):

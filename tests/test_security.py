@@ -32,8 +32,6 @@ import json
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +48,7 @@ from hub.pull import pull
 from medchat.run_folder import Run
 from tests.support.chat_runs import QUESTIONS, make_adapter, reference_answer
 from tests.support.fake_hub import DEFAULT_USER, FakeHub, hub_env, use_fake_hub
+from tests.support.processes import free_port, stop, wait_until_up
 from tests.support.tiny_model import build_tiny_model, remote_code_model
 
 openai = pytest.importorskip("openai")
@@ -120,12 +119,6 @@ class World:
     def loaded(self) -> list[str]:
         """The model folders the server loaded (its 'loaded FOLDER in S s' log lines)."""
         return re.findall(r"loaded (\S.*?) in [\d.]+ s \(", self.server_log())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def upload(repo: str, files: dict[str, bytes | Path]) -> None:
@@ -230,30 +223,6 @@ def start_app(root: Path, runs: Path, hf_home: Path, hub: FakeHub, port: int,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, seconds: float = 150) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the app exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"the app did not answer in {seconds} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def world(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sec-app")
@@ -277,7 +246,7 @@ def world(tiny_model_dir, tmp_path_factory):
                 "secret": reference_answer(secret, Q, None, N)}
         w = World(f"http://127.0.0.1:{port}", proc, log, root, runs, hf_home, secret, sentinel,
                   hub, refs)
-        wait_until_up(w.url, proc, log)
+        wait_until_up(w.url + "/", proc, log, interval=0.3)
         w.before = {"ui": ui_chat(w, "base")[0], "v1": v1_chat(w, "base")[0]}
         yield w
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from medchat.command_line import call
 from medchat.run_folder import Run
 from tests.support.chat_runs import QUESTIONS, reference_answer
 from tests.support.fake_hub import DEFAULT_USER, hub_env, make_adapter_run
+from tests.support.processes import free_port, stop, wait_until_up
 
 BASE_REPO = f"{DEFAULT_USER}/tiny-base"
 ADAPTER_REPO = f"{DEFAULT_USER}/tiny-adapter"
@@ -102,36 +102,13 @@ def test_base_detection_gives_up_at_once_without_a_hub(monkeypatch):
 
     from hub.space import detect_base_model
 
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("HF_ENDPOINT", dead)
     monkeypatch.setattr(constants, "ENDPOINT", dead)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     t0 = time.perf_counter()
     assert detect_base_model([ADAPTER_REPO, "test-user/other"]) is None
     assert time.perf_counter() - t0 < 5  # no backoff: it only picks a default
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"launch.py exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"launch.py did not serve {url} within {timeout:.0f} s:\n"
-                f"{log.read_text()[-4000:]}")
 
 
 @pytest.mark.timeout(240)
@@ -161,7 +138,7 @@ def test_space_started_from_its_bundle_streams_a_pushed_model(fake_hub, tmp_path
     # a fresh folder holding only what the Space repo holds, like a Space's checkout
     space_dir = Path(snapshot_download(SPACE_REPO, repo_type="space",
                                        local_dir=tmp_path / "space-checkout"))
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")}
     env.update(hub_env(fake_hub, token=None))  # public repos: the Space needs no token
@@ -175,7 +152,7 @@ def test_space_started_from_its_bundle_streams_a_pushed_model(fake_hub, tmp_path
                                  str(port), "--device", "cpu"], cwd=space_dir, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_for(f"http://127.0.0.1:{port}/", proc, log, timeout=180)
+        wait_until_up(f"http://127.0.0.1:{port}/", proc, log, 180)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         models = {m["id"] for m in client.predict(api_name="/models")}
         assert "adapter:test-user--tiny-adapter" in models
@@ -184,11 +161,7 @@ def test_space_started_from_its_bundle_streams_a_pushed_model(fake_hub, tmp_path
         pieces = [p for p in job if p]
         final = job.result()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     text = log.read_text()
     assert "pulling test-user/tiny-adapter" in text and "warning: could not pull" not in text
     want = reference_answer(tiny_model_dir, QUESTIONS[0], Run(run).adapter_dir, 16)

@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from medchat.run_folder import Run
+from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = [
@@ -34,14 +35,6 @@ def _env(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:  # torchrun's --master_port 0 hangs the gloo rendezvous
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +179,7 @@ def test_cli_resume_continues_from_checkpoint(tmp_path, learnable_model_dir, tin
 def test_two_process_data_parallel_run(tmp_path, learnable_model_dir, tiny_data):
     env = _env(tmp_path)
     torchrun = [shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun"),
-                "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m"]
+                "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"]
     args = _settings(learnable_model_dir, tiny_data, **{"train.max_steps": 4, "model.quantization": "none",
                                                    "model.gradient_checkpointing": "false",
                                                    "train.eval_test_loss": "false"})

@@ -40,7 +40,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -52,15 +52,12 @@ from medchat.chat_format import ensure_chat_template
 from medchat.engine import Engine
 from medchat.errors import UserError
 from medchat.registry import BASE_ID, ModelEntry, Registry
+from medchat.remote_backend import RemoteBackend
 from medchat.run_folder import (MODEL_KINDS, Manifest, ManifestError, ModelScores, Run,
                                 atomic_write_text)
 from training import eval_stats, judge as judging, report, safety
 from training.encode import IGNORE, PackedCollator, encode_all, pack
 
-try:  # the OpenAI-compatible server backend, where this install has it
-    from medchat import remote_backend
-except ImportError:  # pragma: no cover - depends on the install
-    remote_backend = None
 
 # torch, transformers, peft and the scoring libraries are imported in functions: the command
 # line imports this module for evaluate's parser, and those libraries take seconds to import.
@@ -400,9 +397,6 @@ def _remote(registry: RunRegistry, opts: EvalOptions, kinds: list[str],
     """The OpenAI-compatible server's backend, connected (its chat templates checked against
     the run's), and the kinds it serves: without --models, those it cannot serve are left out
     (said on stderr); asked for by --models, they are an error."""
-    if remote_backend is None:
-        raise EvalError("--backend-url: this install has no OpenAI-compatible server backend "
-                        "(medchat.remote_backend); evaluate in-process instead")
     key = None
     if opts.api_key_env:
         key = os.environ.get(opts.api_key_env, "").strip()
@@ -411,8 +405,8 @@ def _remote(registry: RunRegistry, opts: EvalOptions, kinds: list[str],
                             f"empty or not set; export {opts.api_key_env}=<key> first")
     limits = _limits(opts, questions)
     try:
-        backend = remote_backend.RemoteBackend(registry, opts.backend_url, dialect=opts.dialect,
-                                               api_key=key, limits=limits)
+        backend = RemoteBackend(registry, opts.backend_url, dialect=opts.dialect, api_key=key,
+                                limits=limits)
     except BackendError as e:
         raise EvalError(f"--dialect: {e}") from e
     backend.connect()

@@ -78,6 +78,9 @@ class Engine(Backend):
         # operator hands its token over, and only up to this size
         self.pulled_base_token = pulled_base_token
         self.pulled_base_max_bytes = pulled_base_max_bytes
+        # base reference -> its folder, found once: finding it may ask the Hub (a snapshot
+        # check, a size check), which has no place on every request
+        self._base_folders: dict[tuple, Path] = {}
         self._cache = ModelCache(self.device, self.dtype, self.max_cached_models, max_context,
                                  scheduler)
 
@@ -155,11 +158,22 @@ class Engine(Backend):
     # -- models ----------------------------------------------------------------------------------
 
     def _base_folder(self, entry: ModelEntry) -> Path:
-        """The folder of the base `entry`'s run names: the registry's base, or its own. A pulled
-        run's base must be a Hub id: the local path its manifest recorded is never used."""
+        """The folder of the base `entry`'s run names: the registry's base, or its own (looked
+        up once while that folder stays). A pulled run's base must be a Hub id: the local path
+        its manifest recorded is never used."""
         ref = entry.base
         if self.registry.base_path and self.registry.same_base(ref):
             return self.registry.base_path
+        key = (bool(entry.source), ref.hub_id, ref.name, ref.revision, ref.local_path)
+        known = self._base_folders.get(key)
+        if known is not None and known.is_dir():
+            return known
+        folder = self._find_base_folder(entry)
+        self._base_folders[key] = folder
+        return folder
+
+    def _find_base_folder(self, entry: ModelEntry) -> Path:
+        ref = entry.base
         if entry.source:
             repo = ref.hub_id or ref.name
             if not looks_like_repo_id(repo):

@@ -174,7 +174,14 @@ def test_bad_requests_are_refused_clearly(engine):
     assert (s.temperature, s.top_p, s.seed) == (0.2, 0.9, 3)
 
 
-def test_adapter_on_another_base_loads_that_base_into_the_cache(runs, tiny_model_dir, tmp_path):
+def test_adapter_on_another_base_loads_that_base_into_the_cache(runs, tiny_model_dir, tmp_path,
+                                                                monkeypatch):
+    import medchat.engine
+
+    lookups = []
+    real_resolve = medchat.engine.resolve_ref
+    monkeypatch.setattr(medchat.engine, "resolve_ref",
+                        lambda ref, **kw: lookups.append(ref.name) or real_resolve(ref, **kw))
     other = build_tiny_model(tmp_path / "other-base", seed=1)
     root = tmp_path / "runs"
     shutil.copytree(runs["runs"], root)
@@ -190,6 +197,7 @@ def test_adapter_on_another_base_loads_that_base_into_the_cache(runs, tiny_model
     assert str(other.resolve()) not in eng.loaded()
     assert str(tiny_model_dir.resolve()) in eng.loaded()  # the main base is never evicted
     assert eng.chat("adapter:elsewhere", QUESTIONS[3], settings=greedy()) == want
+    assert lookups == [str(other)]  # the other base's folder was looked up once, not per request
 
 
 def test_lora_on_embeddings_is_routed_through_peft_mixed_batch(runs, tiny_model_dir, tmp_path):

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from switch_latency import free_port, machine, make_runs, write_section  # this script's folder
+from switch_latency import (free_port, machine, make_runs, wait_for_app,  # this script's folder
+                            write_section)
 
 from medchat.base_model import resolve_base_model
 from medchat.chat_format import ensure_chat_template, prompt_ids
@@ -57,18 +58,8 @@ def start_app(base: Path, runs: Path, port: int, threads: int | None) -> subproc
         [sys.executable, str(ROOT / "launch.py"), "--runs", str(runs), "--base", str(base),
          "--port", str(port), "--device", "cpu", "--concurrency", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    log = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            raise SystemExit("the app exited:\n" + "".join(log[-40:]))
-        log.append(line)
-        if f"127.0.0.1:{port}" in line:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
-            return proc
-    proc.terminate()
-    raise SystemExit("the app did not start in 300 s:\n" + "".join(log[-40:]))
+    wait_for_app(proc, port, 300)
+    return proc
 
 
 class Direct:

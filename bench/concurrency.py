@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from switch_latency import machine, make_runs, write_section  # this script's folder
+from switch_latency import machine, make_runs, wait_for_app, write_section  # this script's folder
 
 from medchat.base_model import DEFAULT_BASE_MODEL, resolve_base_model
 from medchat.chat_format import ensure_chat_template, prompt_ids
@@ -160,18 +160,7 @@ def app_target(base: Path, runs: Path, max_clients: int, port: int,
              "--queue-size", str(max_clients)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         proc.append(p)
-        log: list[str] = []
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            line = p.stdout.readline()
-            if not line and p.poll() is not None:
-                raise SystemExit("the app exited:\n" + "".join(log[-40:]))
-            log.append(line)
-            if f"127.0.0.1:{port}" in line:
-                threading.Thread(target=p.stdout.read, daemon=True).start()  # keep draining
-                return
-        p.terminate()
-        raise SystemExit("the app did not start in 600 s:\n" + "".join(log[-40:]))
+        wait_for_app(p, port, 600)
 
     def stop() -> None:
         for p in proc:

@@ -32,7 +32,9 @@ import platform
 import socket
 import statistics
 import sys
+import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -182,6 +184,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_app(proc: subprocess.Popen, port: int, seconds: float) -> None:
+    """Read the app's text stdout until it says it serves on `port`, then keep draining it in
+    the background (a full pipe would stall the app); stop with its last lines when it exits
+    first or does not start within `seconds`."""
+    log: list[str] = []
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise SystemExit("the app exited:\n" + "".join(log[-40:]))
+        log.append(line)
+        if f"127.0.0.1:{port}" in line:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return
+    proc.terminate()
+    raise SystemExit(f"the app did not start in {seconds:.0f} s:\n" + "".join(log[-40:]))
 
 
 def machine() -> str:

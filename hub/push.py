@@ -164,6 +164,16 @@ def _check_eval_file(run: Run) -> None:
                        "it (`medchat evaluate RUN` rewrites it)") from e
 
 
+def _open_run(run_ref: str | os.PathLike | Run) -> tuple[Run, Manifest]:
+    """The run to push and its manifest; a run that cannot be read is a HubError (the push
+    commands report those)."""
+    try:
+        run = Run.open(run_ref)
+        return run, run.manifest()
+    except ManifestError as e:
+        raise HubError(str(e)) from e
+
+
 def plan_push(run_ref: str | os.PathLike | Run, repo_id: str, merged: bool = False,
               base_model: str | None = None, datasets: list[str] | None = None,
               license: str | None = None, token: str | None = None,  # noqa: A002
@@ -175,11 +185,7 @@ def plan_push(run_ref: str | os.PathLike | Run, repo_id: str, merged: bool = Fal
                            "leave out --merged")
         return plan_gguf_push(run_ref, repo_id, base_model, datasets, license, token)
     require_repo_id(repo_id)
-    try:
-        run = Run.open(run_ref)
-        manifest = run.manifest()
-    except ManifestError as e:
-        raise HubError(str(e)) from e
+    run, manifest = _open_run(run_ref)
     kind = "merged" if merged else "adapter"
     folder = run.model_dir(kind)
     marker = "config.json" if merged else "adapter_config.json"
@@ -253,11 +259,7 @@ def plan_gguf_push(run_ref: str | os.PathLike | Run, repo_id: str,
     """The commit of a GGUF repo: the run's GGUF export (files as its export.json lists them,
     unchanged since), its Modelfile and Ollama files, and a card with library_name gguf."""
     require_repo_id(repo_id)
-    try:
-        run = Run.open(run_ref)
-        manifest = run.manifest()
-    except ManifestError as e:
-        raise HubError(str(e)) from e
+    run, manifest = _open_run(run_ref)
     folder, record_path = run.gguf_dir, run.gguf_dir / GGUF_RECORD
     if not record_path.is_file():
         raise HubError(f"{folder}: no GGUF export ({GGUF_RECORD} missing); run "

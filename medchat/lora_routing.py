@@ -67,32 +67,29 @@ def row_adapters() -> list[str | None] | None:
 
 
 @contextmanager
-def use_adapter(name: str | None) -> Iterator[None]:
-    """Within the block, forward passes on this thread use adapter `name` (None: none) for every
-    row."""
+def _routing(adapter: str | None, rows: list[str | None] | None) -> Iterator[None]:
+    """This thread's routing within the block (restored after: blocks may nest)."""
     previous = active_adapter(), row_adapters()
-    _route.adapter, _route.rows = name, None
+    _route.adapter, _route.rows = adapter, rows
     try:
         yield
     finally:
         _route.adapter, _route.rows = previous
 
 
-@contextmanager
-def use_adapters(names: Sequence[str | None]) -> Iterator[None]:
+def use_adapter(name: str | None):
+    """Within the block, forward passes on this thread use adapter `name` (None: none) for every
+    row."""
+    return _routing(name, None)
+
+
+def use_adapters(names: Sequence[str | None]):
     """Within the block, row i of every batch this thread runs uses adapter `names[i]` (None:
     the base). One name for all rows takes the single-adapter path."""
     names = list(names)
     if len(set(names)) <= 1:
-        with use_adapter(names[0] if names else None):
-            yield
-        return
-    previous = active_adapter(), row_adapters()
-    _route.adapter, _route.rows = None, names
-    try:
-        yield
-    finally:
-        _route.adapter, _route.rows = previous
+        return _routing(names[0] if names else None, None)
+    return _routing(None, names)
 
 
 def install(model: Any) -> int:

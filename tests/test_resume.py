@@ -16,19 +16,10 @@ from pathlib import Path
 import pytest
 
 from medchat.run_folder import Run
+from tests.support.training_runs import learnable_model, training_env, write_qa
 from training.run import checkpoint_problem, resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-QA = [
-    ("What is aspirin used for?", "Aspirin relieves pain and fever."),
-    ("How should I take metformin?", "Take metformin with meals."),
-    ("Can I drink alcohol with ibuprofen?", "Alcohol raises the risk of stomach bleeding."),
-    ("What are side effects of lisinopril?", "Cough and dizziness are common."),
-    ("Is acetaminophen safe in pregnancy?", "Ask your doctor or pharmacist first."),
-    ("How do I store insulin?", "Keep unopened insulin in the fridge."),
-    ("What does a tablet dose mean?", "It is the amount in one tablet."),
-    ("When should I take a daily dose?", "Take it at the same time each day."),
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,16 +178,12 @@ MOMENTS = [
 
 @pytest.fixture(scope="module")
 def learnable_model_dir(tmp_path_factory):
-    from tests.support.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("resume-model") / "m", init_std=0.2)
+    return learnable_model(tmp_path_factory.mktemp("resume-model") / "m")
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("resume-data") / "qa.jsonl"
-    p.write_text("\n".join(json.dumps({"instruction": q, "output": a}) for q, a in QA) + "\n")
-    return p
+    return write_qa(tmp_path_factory.mktemp("resume-data") / "qa.jsonl")
 
 
 def _args(model_dir: Path, data: Path, name: str) -> list[str]:
@@ -212,13 +199,7 @@ def _args(model_dir: Path, data: Path, name: str) -> list[str]:
 
 
 def _env(runs: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"MEDCHAT_RUNS": str(runs), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false"})
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-              "MEDCHAT_TEST_PAUSE", "MEDCHAT_TEST_MARKER"):
-        env.pop(k, None)
-    return env
+    return training_env(runs, drop=("MEDCHAT_TEST_PAUSE", "MEDCHAT_TEST_MARKER"))
 
 
 def _train(args: list[str], env: dict[str, str], timeout: int = 240) -> str:

@@ -14,43 +14,23 @@ from safetensors.torch import load_file
 
 from medchat.run_folder import Run
 from tests.support.processes import free_port
+from tests.support.training_runs import learnable_model, training_env, write_qa
 
 ROOT = Path(__file__).resolve().parents[1]
-QA = [
-    ("What is aspirin used for?", "Aspirin relieves pain and fever."),
-    ("How should I take metformin?", "Take metformin with meals."),
-    ("Can I drink alcohol with ibuprofen?", "Alcohol raises the risk of stomach bleeding."),
-    ("What are side effects of lisinopril?", "Cough and dizziness are common."),
-    ("Is acetaminophen safe in pregnancy?", "Ask your doctor or pharmacist first."),
-    ("How do I store insulin?", "Keep unopened insulin in the fridge."),
-    ("What does a tablet dose mean?", "It is the amount in one tablet."),
-    ("When should I take a daily dose?", "Take it at the same time each day."),
-]
 
 
 def _env(tmp_path):
-    env = dict(os.environ)
-    env.update({"MEDCHAT_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return training_env(tmp_path / "runs")
 
 
 @pytest.fixture(scope="module")
 def learnable_model_dir(tmp_path_factory):
-    """Tiny model with a wider init: with std 0.02 a 64-wide tied head caps logits so low that
-    no LoRA update can fit even 8 answers; std 0.2 makes memorisation a fair test."""
-    from tests.support.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("learnable") / "m", init_std=0.2)
+    return learnable_model(tmp_path_factory.mktemp("learnable") / "m")
 
 
 @pytest.fixture
 def tiny_data(tmp_path):
-    p = tmp_path / "qa.jsonl"
-    p.write_text("\n".join(json.dumps({"instruction": q, "output": a}) for q, a in QA) + "\n")
-    return p
+    return write_qa(tmp_path / "qa.jsonl")
 
 
 def _settings(model_dir, data, **extra):

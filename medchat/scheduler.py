@@ -6,20 +6,24 @@ fair scheduler for a handful of users, not a serving engine.
     loop.call(fn)             # run fn between two steps (e.g. attach an adapter), return its result
 
 Each iteration of the loop thread:
-  1. runs what was asked to happen between steps (`call`: structural changes to the model);
-  2. ends the rows whose request was cancelled (Stop, a client gone) before computing anything
+  1. ends the rows whose request was cancelled (Stop, a client gone) before computing anything
      more for them, so a cancel takes effect within one step;
-  3. admits waiting requests up to a prompt-token budget (at least one), each prefilled alone
-     (its first token is then exactly what a solo run computes) and its KV cache merged into the
-     batch's;
+  2. when it has nothing running, prefills the waiting requests itself, up to a prompt-token
+     budget, so the first requests start in one batch;
+  3. joins the rows its prefill threads made ready: while the loop decodes, new requests are
+     prefilled beside it, each alone (its first token is then exactly what a solo run
+     computes), on another forward-pass slot, and their KV caches merged into the batch's;
+     the batch never stops for a newcomer's prompt;
   4. runs ONE decode step for all running rows together: one forward pass, each row routed to
      its own adapter (medchat.lora_routing.use_adapters), each row sampled with its own settings
      and generator (medchat.sampling), each row checked for its own stop conditions and
      streamed as text; finished rows leave the batch.
 New requests therefore join between steps and nobody waits for whole other answers. The loops
-of different models (the base and a merged model, say) share the device's forward-pass slots
-first come first served: on a CPU as many passes at once as torch's threads fit in the cores,
-so they neither fight over the same cores nor leave one idle.
+of different models (the base and a merged model, say) and their prefill threads share the
+device's forward-pass slots first come first served: on a CPU as many passes at once as
+torch's threads fit in the cores, so they neither fight over the same cores nor leave one
+idle. Changes to a model's modules (`call`: attaching an adapter that wraps layers, deleting
+one) wait for the step and the prefills under way and run with nothing else on the model.
 
 The batch's KV cache is transformers' DynamicCache, one tensor per layer holding every row,
 left-padded: when a row joins, the shorter side is padded on the left (masked out by the
@@ -28,8 +32,8 @@ and columns that became padding for every row are trimmed. A model whose cache i
 full-attention layers (sliding-window or hybrid models) cannot be merged that way: its loop
 runs one request at a time, and says so in the log.
 
-The thread ends after a while without work (and at once when its model is evicted and idle); a
-later request starts it again.
+The threads end after a while without work (and at once when their model is evicted and
+idle); a later request starts them again.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from medchat import lora_routing
 from medchat.backend import GenerationSettings, Stream
@@ -109,8 +114,13 @@ class SchedulerConfig:
     """How a model's loop shares its steps."""
 
     max_rows: int = 32  # rows decoded together; more requests wait to join
-    prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (>= 1 request)
-    idle_exit_s: float = 30.0  # the loop thread ends after this long without work
+    prefill_tokens: int = 512  # prompt tokens an idle loop prefills before its first step
+    idle_exit_s: float = 30.0  # the loop's threads end after this long without work
+    # threads that prefill new requests while the loop decodes the running ones, so a
+    # new request does not hold up the batch (None: one per forward-pass slot of the device: on
+    # a CPU the cores over torch's threads per pass, on a GPU one; 0: the loop prefills itself,
+    # between its steps)
+    prefill_threads: int | None = None
 
 
 @dataclass
@@ -144,11 +154,59 @@ class _Row:
 
 
 @dataclass
-class _Call:
-    fn: Callable[[], Any]
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-    error: BaseException | None = None
+class _Prefilled:
+    """A prefilled row waiting to join the batch, with its own cache."""
+
+    row: _Row
+    cache: Any
+    mask: Any
+
+
+class _Gate:
+    """Forward passes on one model (shared: the decode step and prefills run side by side)
+    against changes to its modules (exclusive). A waiting change goes first: it waits for the
+    passes under way, and none starts meanwhile."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+        self.owner: threading.Thread | None = None  # the thread holding it exclusively
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    def acquire_exclusive(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cond.wait(left)
+                self._exclusive, self.owner = True, threading.current_thread()
+                return True
+            finally:
+                self._waiting -= 1
+                self._cond.notify_all()
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive, self.owner = False, None
+            self._cond.notify_all()
 
 
 class ModelLoop:
@@ -160,59 +218,63 @@ class ModelLoop:
         self.device = device
         self.name = name
         self.config = config or SchedulerConfig()
+        self._turns = _turns(device)  # forward passes of all loops on this device
+        helpers = self.config.prefill_threads
+        self._helpers_max = self._turns.slots() if helpers is None else max(0, int(helpers))
         self._cond = threading.Condition()
+        self._gate = _Gate()
         self._pending: deque[Job] = deque()
-        self._calls: list[_Call] = []
-        self._thread: threading.Thread | None = None
+        self._prefilling: list[Job] = []  # taken by a prefill thread, not ready yet
+        self._ready: list[_Prefilled] = []  # prefilled by a helper, joining at the next step
+        self._thread: threading.Thread | None = None  # the decode loop
+        self._helpers: list[threading.Thread] = []  # prefill threads running
         self._retired = False
-        self._rows: list[_Row] = []  # loop thread only
+        self._rows: list[_Row] = []  # loop thread only (others read its length)
         self._cache = None  # the batch's DynamicCache (loop thread only)
         self._mask = None  # [rows, columns] 1 = a real token, 0 = padding
         self._serial = _layout_problem(model)  # why this model runs one request at a time
         if self._serial:
             log.warning("%s: %s; its requests run one at a time", name, self._serial)
-        self._turns = _turns(device)  # forward passes of all loops on this device
         self._cache_kw = _cache_keyword(model)
         self._keep_kw = "logits_to_keep" in _forward_params(model)
         self._to_delete: dict[str, Callable[[], bool]] = {}  # adapter -> delete once unused
         # counters for tests and benchmarks; *_s: seconds spent in prefills, decode forward
-        # passes, and choosing/streaming the rows' tokens
+        # passes, and choosing/streaming the rows' tokens; helper_prefills: prefills a
+        # helper thread ran while the loop decoded
         self.stats = {"steps": 0, "max_rows": 0, "prefills": 0, "rows_stepped": 0,
-                      "prefill_s": 0.0, "forward_s": 0.0, "rows_s": 0.0}
+                      "prefill_s": 0.0, "forward_s": 0.0, "rows_s": 0.0, "helper_prefills": 0}
+        self._stats_lock = threading.Lock()
 
     # -- what other threads call -------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        """Queue a request; it joins the batch before the next step."""
+        """Queue a request; it joins the batch before a next step."""
         with self._cond:
             self._pending.append(job)
             self._wake()
 
     def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Run `fn` in the loop thread between two steps (nothing runs on the model meanwhile)
-        and return its result (or raise its error)."""
-        if threading.current_thread() is self._thread:
+        """Run `fn` between two decode steps, with no prefill under way (nothing runs on the
+        model meanwhile) and return its result (or raise its error)."""
+        if self._gate.owner is threading.current_thread():
             return fn()
-        item = _Call(fn)
-        with self._cond:
-            self._calls.append(item)
-            self._wake()
-        if not item.done.wait(timeout):
+        if not self._gate.acquire_exclusive(timeout):
             raise TimeoutError(f"{self.name}: the model's loop did not run the change in time")
-        if item.error is not None:
-            raise item.error
-        return item.result
+        try:
+            return fn()
+        finally:
+            self._gate.release_exclusive()
 
     def delete_adapter_when_unused(self, name: str, delete: Callable[[], bool]) -> None:
-        """Call `delete()` in the loop once no running or waiting request uses adapter `name`
-        (a retrained run's old weights: its running answers finish with them); `delete`
+        """Call `delete()` between two steps once no running or waiting request uses adapter
+        `name` (a retrained run's old weights: its running answers finish with them); `delete`
         returns False when it cannot run yet (it is tried again a little later)."""
         with self._cond:
             self._to_delete[name] = delete
             self._wake()
 
     def retire(self) -> None:
-        """The model left the cache: end the thread once its work is done."""
+        """The model left the cache: end the threads once their work is done."""
         with self._cond:
             self._retired = True
             self._cond.notify_all()
@@ -220,7 +282,8 @@ class ModelLoop:
     def busy(self) -> int:
         """Requests running or waiting on this model."""
         with self._cond:
-            return len(self._rows) + len(self._pending)
+            return (len(self._rows) + len(self._ready) + len(self._prefilling)
+                    + len(self._pending))
 
     def _wake(self) -> None:  # with self._cond held
         self._retired = False
@@ -228,31 +291,143 @@ class ModelLoop:
             self._thread = threading.Thread(target=self._run, name=f"medchat-loop-{self.name}",
                                              daemon=True)
             self._thread.start()
+        if self._pending and len(self._helpers) < min(self._helpers_max, len(self._pending)):
+            helper = threading.Thread(target=self._help, daemon=True,
+                                      name=f"medchat-prefill-{self.name}-{len(self._helpers)}")
+            self._helpers.append(helper)
+            helper.start()
         self._cond.notify_all()
 
+    def _count(self, **deltas: float) -> None:
+        with self._stats_lock:
+            for key, value in deltas.items():
+                self.stats[key] += value
+
     # -- the loop ------------------------------------------------------------------------------
+
+    def _idle(self) -> bool:  # with self._cond held: nothing running, joining or prefilling
+        return not (self._rows or self._ready or self._prefilling)
+
+    def _prefills_itself(self) -> bool:  # with self._cond held
+        """The loop prefills what waits: when it has nothing else to do (the first requests
+        then start in one batch), or always when it has no prefill threads."""
+        return self._idle() or not self._helpers_max
+
+    def _loop_work(self) -> bool:  # with self._cond held
+        return bool(self._rows or self._ready or self._to_delete
+                    or self._pending and self._prefills_itself())
 
     def _run(self) -> None:
         import torch
 
         while True:
             with self._cond:
-                while not (self._calls or self._pending or self._rows or self._to_delete):
-                    if self._retired or not self._cond.wait(self.config.idle_exit_s):
-                        if not (self._calls or self._pending or self._rows or self._to_delete):
+                while not self._loop_work():
+                    if self._pending or self._prefilling:  # helpers prefill: they notify
+                        self._cond.wait(self.config.idle_exit_s)
+                    elif self._retired or not self._cond.wait(self.config.idle_exit_s):
+                        if not (self._loop_work() or self._pending or self._prefilling):
                             self._thread = None
                             return
-                calls, self._calls = self._calls, []
-                used = {r.job.adapter for r in self._rows} | {j.adapter for j in self._pending}
+                deleting = bool(self._to_delete)
+            if deleting and self._delete_unused() and not self._rows:
+                time.sleep(0.05)  # an attach is under way: try again shortly
+            with self._gate.shared():
+                try:
+                    with torch.inference_mode():
+                        self._iterate()
+                except BaseException as e:  # a failed step: fail its rows, keep serving
+                    log.exception("%s: decode step failed", self.name)
+                    for row in self._rows:
+                        row.stream.fail(e)
+                    self._rows, self._cache, self._mask = [], None, None
+
+    def _iterate(self) -> None:
+        """One turn of the loop (the model shared with the prefill threads): end cancelled
+        rows; prefill what waits if the loop does (see _prefills_itself); join the rows the
+        prefill threads made ready; one decode step for every row."""
+        self._drop([r for r in self._rows if r.stream.cancelled], "cancelled")
+        with self._cond:
+            admit = self._take_pending() if self._prefills_itself() else []
+            self._prefilling.extend(admit)
+            if self._pending:
+                self._cond.notify_all()  # the rest: prefill threads, beside these
+        for i, job in enumerate(admit):
+            done = self._prefill(job)
+            with self._cond:
+                self._prefilling = [j for j in self._prefilling if j is not job]
+                if done is False:  # this model runs one request at a time: wait
+                    rest = admit[i + 1:]
+                    self._prefilling = [j for j in self._prefilling
+                                        if not any(j is r for r in rest)]
+                    self._pending.extendleft(reversed([job] + rest))
+                    break
+            if done:
+                self._join(done)
+        with self._cond:
+            ready, self._ready = self._ready, []
+        for item in ready:
+            if item.row.stream.cancelled:
+                self._end(item.row, "cancelled")
+            else:
+                self._join(item)
+        if self._rows:
+            self._step()
+        with self._cond:
+            self._cond.notify_all()  # prefill threads may wait for room
+
+    def _help(self) -> None:
+        """A prefill thread: prefills waiting requests one at a time while the loop decodes,
+        and hands them to the loop."""
+        import torch
+
+        me = threading.current_thread()
+        while True:
+            with self._cond:
+                while not (self._pending and self._room() > 0 and not self._prefills_itself()):
+                    if self._pending:  # the loop takes them, or there is no room yet
+                        self._cond.wait(self.config.idle_exit_s)
+                    elif self._retired or not self._cond.wait(self.config.idle_exit_s):
+                        if not self._pending:
+                            self._helpers.remove(me)
+                            return
+                job = self._pending.popleft()
+                if job.stream.cancelled:
+                    job.stream.finish("cancelled", 0)
+                    continue
+                self._prefilling.append(job)
+            done = None
+            try:
+                with self._gate.shared(), torch.inference_mode():
+                    done = self._prefill(job)
+            finally:
+                with self._cond:
+                    self._prefilling = [j for j in self._prefilling if j is not job]
+                    if done is False:
+                        self._pending.appendleft(job)
+                    elif done:
+                        self._ready.append(done)
+                        self._count(helper_prefills=1)
+                    self._wake()
+
+    def _room(self) -> int:  # with self._cond held
+        used = len(self._rows) + len(self._ready) + len(self._prefilling)
+        if self._serial:
+            return 0 if used else 1
+        return self.config.max_rows - used
+
+    def _delete_unused(self) -> bool:
+        """Run the deletions whose adapter no request uses (nothing running on the model);
+        True when one could not run yet."""
+        self._gate.acquire_exclusive()
+        try:
+            with self._cond:
+                used = ({r.job.adapter for r in self._rows}
+                        | {p.row.job.adapter for p in self._ready}
+                        | {j.adapter for j in self._prefilling}
+                        | {j.adapter for j in self._pending})
                 deletions = [(n, self._to_delete.pop(n)) for n in list(self._to_delete)
                              if n not in used]
-                admit = self._take_pending()
-            for item in calls:
-                try:
-                    item.result = item.fn()
-                except BaseException as e:  # handed to the caller
-                    item.error = e
-                item.done.set()
             deferred = False
             for name, delete in deletions:
                 try:
@@ -262,31 +437,17 @@ class ModelLoop:
                         deferred = True
                 except Exception:  # the old weights stay; nothing routes to them any more
                     log.exception("%s: could not delete adapter %s", self.name, name)
-            if deferred and not (admit or self._rows):
-                time.sleep(0.05)  # an attach is under way: try again shortly
-            try:
-                with torch.inference_mode():
-                    self._drop([r for r in self._rows if r.stream.cancelled], "cancelled")
-                    for i, job in enumerate(admit):
-                        if not self._admit(job):  # this model turned out to run one at a time
-                            with self._cond:
-                                self._pending.extendleft(reversed(admit[i:]))
-                            break
-                    if self._rows:
-                        self._step()
-            except BaseException as e:  # a failed step: fail its rows, keep serving
-                log.exception("%s: decode step failed", self.name)
-                for row in self._rows:
-                    row.stream.fail(e)
-                self._rows, self._cache, self._mask = [], None, None
+            return deferred
+        finally:
+            self._gate.release_exclusive()
 
     def _take_pending(self) -> list[Job]:
-        """Waiting jobs to admit now (with self._cond held): FIFO, up to the row limit and the
-        prompt-token budget; cancelled ones end here."""
+        """Waiting jobs the idle loop prefills itself (with self._cond held): FIFO, up to the
+        row limit and the prompt-token budget; cancelled ones end here."""
         for job in [j for j in self._pending if j.stream.cancelled]:
             self._pending.remove(job)
             job.stream.finish("cancelled", 0)
-        room = (1 if self._serial else self.config.max_rows) - len(self._rows)
+        room = self._room()
         out: list[Job] = []
         budget = self.config.prefill_tokens
         while self._pending and len(out) < room:
@@ -308,9 +469,10 @@ class ModelLoop:
             out = self.model(**kwargs)
         return out.logits[:, -1, :].float()
 
-    def _admit(self, job: Job) -> bool:
-        """Prefill `job` and add it to the batch (or end it); False: it must wait (put it
-        back), the model's cache turned out not to merge and a request is running."""
+    def _prefill(self, job: Job) -> _Prefilled | bool | None:
+        """Prefill `job` and choose its first token. Returns the row to join the batch; None
+        when it ended already (or failed alone); False when it must wait (the model's cache
+        turned out not to merge and another request is running)."""
         import torch
 
         stream = job.stream
@@ -321,32 +483,32 @@ class ModelLoop:
             cache = _new_cache(self.model)
             t0 = time.perf_counter()
             logits = self._forward(ids, mask, positions, cache, [job.adapter], last_only=True)
-            self.stats["prefill_s"] += time.perf_counter() - t0
-            self.stats["prefills"] += 1
+            self._count(prefill_s=time.perf_counter() - t0, prefills=1)
             reason = _unmergeable(cache)
-            if reason and not self._serial:
-                self._serial = reason
-                log.warning("%s: %s; its requests run one at a time", self.name, reason)
-            if self._serial and self._rows:  # found out now: wait for the running row
-                return False
+            with self._cond:
+                if reason and not self._serial:
+                    self._serial = reason
+                    log.warning("%s: %s; its requests run one at a time", self.name, reason)
+                if self._serial and (self._rows or self._ready or len(self._prefilling) > 1):
+                    return False  # found out now: wait for the running request
             row = _Row(job, RowSampler(job.settings, self.device), Detokenizer(job.tokenizer),
                        StopText(job.stop_strings), list(job.prompt))
             self._advance(row, logits[0])
         except BaseException as e:  # this request fails alone
             log.exception("%s: prefill of request %s failed", self.name, stream.id)
             stream.fail(e)
-            return True
+            return None
         if row.done:
             self._end(row)
-        else:
-            self._join(row, cache, mask)
-        return True
+            return None
+        return _Prefilled(row, cache, mask)
 
-    def _join(self, row: _Row, cache, mask) -> None:
+    def _join(self, item: _Prefilled) -> None:
         """Merge a prefilled row's cache into the batch's (left-padding the shorter side)."""
         import torch
         import torch.nn.functional as F
 
+        row, cache, mask = item.row, item.cache, item.mask
         if not self._rows:
             self._rows, self._cache, self._mask = [row], cache, mask
             return
@@ -359,7 +521,7 @@ class ModelLoop:
                 setattr(mine, attr, torch.cat([a, b], dim=0))
         self._mask = torch.cat([F.pad(self._mask, (total - width, 0)),
                                 F.pad(mask, (total - new, 0))], dim=0)
-        self._rows.append(row)
+        self._rows = self._rows + [row]  # a new list: other threads read its length
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -374,10 +536,6 @@ class ModelLoop:
         logits = self._forward(ids, self._mask, positions, self._cache,
                                [r.job.adapter for r in rows], last_only=False)
         t1 = time.perf_counter()
-        self.stats["forward_s"] += t1 - t0
-        self.stats["steps"] += 1
-        self.stats["rows_stepped"] += len(rows)
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         for i, row in enumerate(rows):
             try:
                 self._advance(row, logits[i])
@@ -386,7 +544,13 @@ class ModelLoop:
                 row.done = "error"
                 row.stream.fail(e)
         self._drop([r for r in rows if r.done], None)
-        self.stats["rows_s"] += time.perf_counter() - t1
+        with self._stats_lock:
+            stats = self.stats
+            stats["forward_s"] += t1 - t0
+            stats["steps"] += 1
+            stats["rows_stepped"] += len(rows)
+            stats["max_rows"] = max(stats["max_rows"], len(rows))
+            stats["rows_s"] += time.perf_counter() - t1
 
     def _advance(self, row: _Row, logits) -> None:
         """Choose the row's next token from its logits and stream what it adds."""

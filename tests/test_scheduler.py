@@ -125,6 +125,69 @@ def test_a_request_joins_running_ones_between_steps(tiny_model_dir):
     assert short.result() == solo_short and not long.done.is_set()  # it did not wait
     assert long.result() == solo_long and long.new_tokens == 400
     assert loop.stats["max_rows"] == 2 and loop.stats["steps"] < 3 * 400
+    # the short one was prefilled by a prefill thread while the long one kept decoding
+    assert loop.stats["helper_prefills"] == 1
+    loop.retire()
+
+
+def _tiny_loop(tiny_model_dir, **config):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medchat.backend import Stream
+    from medchat.chat_format import prompt_ids
+    from medchat.scheduler import Job, ModelLoop, SchedulerConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    loop = ModelLoop(model, "cpu", "tiny", SchedulerConfig(**config))
+
+    def ask(question, n):
+        settings = greedy(n)
+        stream = Stream("tiny", settings)
+        loop.submit(Job(stream, prompt_ids(tok, [{"role": "user", "content": question}]), None,
+                        settings, frozenset(), (), tok))
+        return stream
+
+    return model, loop, ask
+
+
+def test_without_prefill_threads_the_loop_prefills_between_its_steps(tiny_model_dir):
+    _, loop, ask = _tiny_loop(tiny_model_dir, prefill_threads=0)
+    solo = [ask(QUESTIONS[i], 30 + 40 * i).result() for i in range(3)]
+    long = ask(QUESTIONS[2], 110)
+    next(iter(long))
+    joined = [ask(QUESTIONS[i], 30 + 40 * i) for i in range(2)]
+    assert [s.result() for s in joined] + [long.result()] == solo
+    assert loop.stats["helper_prefills"] == 0 and loop.stats["max_rows"] >= 2
+    loop.retire()
+
+
+def test_a_change_runs_with_no_forward_pass_under_way(tiny_model_dir):
+    """`call` (attaching, deleting adapters) waits for the decode step and the prefills under
+    way, and none starts until it is done: whatever runs on the model, fn sees it at rest."""
+    import time
+
+    model, loop, ask = _tiny_loop(tiny_model_dir)
+    inside, seen, real = [0], [], model.forward
+
+    def counted(*args, **kwargs):
+        inside[0] += 1
+        try:
+            time.sleep(0.002)  # long enough for a change to try to slip in
+            return real(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    model.forward = counted
+    solo = [ask(QUESTIONS[i % 4], 20 + 7 * i).result() for i in range(8)]
+    long = ask(QUESTIONS[0], 300)
+    next(iter(long))
+    streams = []
+    for i in range(8):  # requests join while changes come in between their steps
+        streams.append(ask(QUESTIONS[i % 4], 20 + 7 * i))
+        seen.append(loop.call(lambda: inside[0]))
+    assert [s.result() for s in streams] == solo and long.result()
+    assert seen == [0] * 8 and loop.stats["helper_prefills"] >= 1
     loop.retire()
 
 
@@ -232,8 +295,6 @@ def test_a_slow_load_blocks_only_requests_for_that_folder(runs, tiny_model_dir, 
 
 def test_attaching_an_adapter_does_not_stop_running_generations(runs, tiny_model_dir,
                                                                 monkeypatch):
-    from peft import PeftModel
-
     adapters = runs["runs"] / "r0" / "adapter", runs["runs"] / "r1" / "adapter"
     want = [reference_answer(tiny_model_dir, QUESTIONS[2], a, n)
             for a, n in ((None, 2), (adapters[0], 12), (adapters[1], 12))]
@@ -244,14 +305,14 @@ def test_attaching_an_adapter_does_not_stop_running_generations(runs, tiny_model
     next(iter(long))
     eng.prepare("adapter:r0")  # the first adapter changes modules: between two decode steps
     entered, gate = threading.Event(), threading.Event()
-    real = PeftModel.load_adapter
+    real = model_cache._add_lora_weights
 
-    def slow_load_adapter(self, *args, **kwargs):
+    def slow_add(*args, **kwargs):  # the second adapter only adds weights to LoRA layers
         entered.set()
         assert gate.wait(60)
-        return real(self, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(PeftModel, "load_adapter", slow_load_adapter)
+    monkeypatch.setattr(model_cache, "_add_lora_weights", slow_add)
     attach = threading.Thread(target=eng.prepare, args=("adapter:r1",))
     attach.start()
     try:
@@ -292,6 +353,64 @@ def test_adapters_load_exactly_as_trained_in_bf16(runs, tiny_model_dir):
         want = logits(PeftModel.from_pretrained(base, path).eval())
         with lora_routing.use_adapter(name):
             assert torch.equal(logits(loaded.model), want), run
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_second_adapter_is_added_layer_by_layer_exactly_as_peft_loads_it(
+        runs, tiny_model_dir, tmp_path, monkeypatch, dtype):
+    """Adapters after the first are added to the LoRA layers without peft's whole-model
+    load_adapter: the same parameters (values, dtypes), the same logits, deletable; an adapter
+    this cannot take (a rank pattern) still goes through peft's loader."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medchat import lora_routing
+
+    torch_dtype = getattr(torch, dtype)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([tok(QUESTIONS[2])["input_ids"]])
+    patterned = make_adapter(tiny_model_dir, tmp_path / "patterned", seed=5, r=4)
+    config_file = patterned / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["rank_pattern"] = {"q_proj": 4}
+    config_file.write_text(json.dumps(config))
+
+    cache = model_cache.ModelCache("cpu", torch_dtype)
+    loaded = cache.get(tiny_model_dir)
+    first = cache.attach(loaded, "adapter:r0", runs["runs"] / "r0" / "adapter", label="r0",
+                         trained_on="tiny")
+    peft_loads = []
+    real = PeftModel.load_adapter
+    monkeypatch.setattr(PeftModel, "load_adapter",
+                        lambda self, *a, **k: peft_loads.append(a) or real(self, *a, **k))
+    path = runs["runs"] / "r1" / "adapter"
+    name = cache.attach(loaded, "adapter:r1", path, label="r1", trained_on="tiny")
+    assert peft_loads == []  # added layer by layer
+
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype),
+        runs["runs"] / "r0" / "adapter", adapter_name=first)
+    real(reference, str(path), adapter_name=name, is_trainable=False)
+    reference.eval()
+    ours = {k: v for k, v in loaded.peft.state_dict().items() if f".{name}." in k}
+    theirs = {k: v for k, v in reference.state_dict().items() if f".{name}." in k}
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k])
+               for k in ours)
+    reference.set_adapter(name)
+    with torch.inference_mode(), lora_routing.use_adapter(name):
+        assert torch.equal(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert loaded.peft.peft_config[name].r == 8
+
+    before = len(peft_loads)
+    other = cache.attach(loaded, "adapter:patterned", patterned / "adapter", label="p",
+                         trained_on="tiny")
+    assert len(peft_loads) == before + 1  # a rank pattern: peft's own loader
+    assert model_cache._delete_adapter(loaded, name)
+    assert not any(f".{name}." in k for k in loaded.peft.state_dict())
+    with torch.inference_mode(), lora_routing.use_adapter(other):
+        loaded.model(input_ids=ids)  # the others still serve
 
 
 def test_unsupported_adapters_are_refused_by_chat_and_merge_alike(runs, tiny_model_dir,

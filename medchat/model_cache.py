@@ -51,7 +51,7 @@ from medchat import lora_routing
 from medchat.adapter_support import unsupported_reason
 from medchat.backend import BackendError
 from medchat.chat_format import ensure_chat_template
-from medchat.scheduler import ModelLoop, SchedulerConfig
+from medchat.scheduler import ModelLoop, SchedulerConfig, wait_for_a_quiet_moment
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class ModelCache:
 
                         loaded.peft = PeftModel.from_pretrained(
                             loaded.model, str(path), adapter_name=name, is_trainable=False)
-                    elif adds_only and _add_lora_weights(loaded, path, name):
+                    elif adds_only and _add_lora_weights(loaded, path, name, self.device):
                         return  # its new modules are set for inference; nothing to route anew
                     else:
                         loaded.peft.load_adapter(str(path), adapter_name=name,
@@ -247,6 +247,7 @@ class ModelCache:
             return tok
         if loaded is None:
             remote = _decide(trust_remote_code)
+            wait_for_a_quiet_moment(self.device)
             try:
                 loaded = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=remote)
             except Exception as e:  # a pulled folder's files can make it raise anything
@@ -295,6 +296,7 @@ class ModelCache:
         t0 = time.perf_counter()
         check_weight_files(Path(folder))
         read_ahead(sorted(Path(folder).glob("*.safetensors")))
+        wait_for_a_quiet_moment(self.device)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=self.dtype, trust_remote_code=trust_remote_code,
@@ -397,7 +399,8 @@ def _adds_only(loaded: LoadedModel, path: Path, config: dict[str, Any]) -> bool:
     return bool(modules)
 
 
-def _add_lora_weights(loaded: LoadedModel, path: Path, name: str) -> bool:
+def _add_lora_weights(loaded: LoadedModel, path: Path, name: str,
+                      device: str = "cpu") -> bool:
     """Attach the adapter in `path` as `name` to LoRA layers the model already has, layer by
     layer with peft's own `update_layer`, the weights copied in as peft's loader copies them.
     peft's `load_adapter` walks every module of the model several times (target matching,
@@ -463,6 +466,7 @@ def _add_lora_weights(loaded: LoadedModel, path: Path, name: str) -> bool:
             for modules in (layer.lora_A, layer.lora_B, layer.lora_dropout):
                 modules[name].eval()
 
+    wait_for_a_quiet_moment(device)  # a short request in flight goes first
     try:
         add(layers)  # beside the loops: only new entries, nothing routes to them yet
     except Exception:

@@ -51,7 +51,7 @@ from medchat import lora_routing
 from medchat.backend import GenerationSettings, Stream
 from medchat.sampling import Detokenizer, RowSampler, StopText
 
-__all__ = ["Job", "ModelLoop", "SchedulerConfig"]
+__all__ = ["Job", "ModelLoop", "SchedulerConfig", "wait_for_a_quiet_moment"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class _TakeTurns:
         self._queue: deque[object] = deque()
         self._running = 0
         self._slots: int | None = None
+        self._last_pass = 0.0  # time.monotonic() when a pass last ended
 
     def slots(self) -> int:
         if self._slots is None:  # decided at the first pass: torch's threads are set by then
@@ -97,7 +98,16 @@ class _TakeTurns:
     def __exit__(self, *exc: object) -> None:
         with self._cond:
             self._running -= 1
+            self._last_pass = time.monotonic()
             self._cond.notify_all()
+
+    def quiet_for(self) -> float:
+        """Seconds since the last forward pass on this device ended (0 while one runs or
+        waits)."""
+        with self._cond:
+            if self._running or self._queue:
+                return 0.0
+            return time.monotonic() - self._last_pass
 
 
 _TURNS: dict[str, _TakeTurns] = {}  # device -> its slots
@@ -107,6 +117,21 @@ _TURNS_LOCK = threading.Lock()
 def _turns(device: str) -> _TakeTurns:
     with _TURNS_LOCK:
         return _TURNS.setdefault(str(device), _TakeTurns(str(device)))
+
+
+def wait_for_a_quiet_moment(device: str, quiet_s: float = 0.02, at_most_s: float = 0.5) -> float:
+    """Wait until no forward pass has run on `device` for `quiet_s` (a request being answered
+    keeps its passes back to back), or `at_most_s` at the latest; returns the seconds waited.
+    Model loads and adapter attaches call it before their Python-heavy part, which holds the
+    interpreter in turns with every pass of every loop: a short request then runs first, and
+    a long answer delays the load by `at_most_s` only."""
+    turns = _turns(device)
+    start = time.monotonic()
+    while time.monotonic() - start < at_most_s:
+        if turns.quiet_for() >= quiet_s:
+            break
+        time.sleep(0.005)
+    return time.monotonic() - start
 
 
 @dataclass(frozen=True)

@@ -564,10 +564,10 @@ def test_old_weights_of_a_retrained_adapter_go_once_unused_without_holding_up_st
     make_adapter(tiny_model_dir, root / "x", seed=11)
     reg = Registry(root, base_name=str(tiny_model_dir), base_path=tiny_model_dir)
     eng = Engine(reg, device="cpu", limits=LIMITS)
-    solo_old = eng.chat("adapter:x", QUESTIONS[0], settings=greedy(300))
+    solo_old = eng.chat("adapter:x", QUESTIONS[0], settings=greedy(900))
     loaded = eng._cache.get(tiny_model_dir)
     old = loaded.adapters["adapter:x"].name
-    long = eng.stream_turn("adapter:x", QUESTIONS[0], settings=greedy(300))
+    long = eng.stream_turn("adapter:x", QUESTIONS[0], settings=greedy(900))
     next(iter(long))
     shutil.rmtree(root / "x")
     make_adapter(tiny_model_dir, root / "x", seed=13)
@@ -576,6 +576,7 @@ def test_old_weights_of_a_retrained_adapter_go_once_unused_without_holding_up_st
     real = gate.acquire_exclusive
     gate.acquire_exclusive = lambda *a, **k: exclusive.append(1) or real(*a, **k)
     eng.prepare("adapter:x")  # the new weights, beside the old ones
+    assert not long.done.is_set() and old in loaded.peft.peft_config  # still in use
     steps = eng.scheduler_stats()[str(tiny_model_dir.resolve())]["steps"]
     assert long.result() == solo_old
     steps = eng.scheduler_stats()[str(tiny_model_dir.resolve())]["steps"] - steps

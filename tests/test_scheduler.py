@@ -587,3 +587,32 @@ def test_old_weights_of_a_retrained_adapter_go_once_unused_without_holding_up_st
     assert steps > 50 and len(exclusive) <= 3  # not once per step while it waited
     assert eng.chat("adapter:x", QUESTIONS[0], settings=greedy(24)) == reference_answer(
         tiny_model_dir, QUESTIONS[0], root / "x" / "adapter", 24)
+
+
+def test_background_work_waits_for_a_quiet_moment_but_not_forever():
+    """Loads and attaches start their interpreter-heavy part once no forward pass has run for a
+    moment (a short request goes first), and after `at_most_s` whatever runs."""
+    import time
+
+    from medchat.scheduler import _turns, wait_for_a_quiet_moment
+
+    turns = _turns("test-quiet")
+    turns.slots()  # decided once (it imports torch): not inside the first timed pass
+    assert wait_for_a_quiet_moment("test-quiet", at_most_s=1.0) < 0.05  # nothing ran yet
+
+    def passes(seconds, started):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with turns:
+                started.set()
+                time.sleep(0.01)  # back-to-back passes, like a request being answered
+
+    for answer_s, at_most_s, low, high in ((0.3, 2.0, 0.25, 1.0), (1.5, 0.4, 0.39, 0.8)):
+        started = threading.Event()
+        worker = threading.Thread(target=passes, args=(answer_s, started))
+        worker.start()
+        assert started.wait(30)
+        waited = wait_for_a_quiet_moment("test-quiet", quiet_s=0.02, at_most_s=at_most_s)
+        # a short answer: until its passes stopped; a long one: no longer than at_most_s
+        assert low <= waited < high, (answer_s, waited)
+        worker.join()

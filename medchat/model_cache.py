@@ -420,7 +420,6 @@ def _add_lora_weights(loaded: LoadedModel, path: Path, name: str,
 
     if "config" not in inspect.signature(LoraLinear.update_layer).parameters:
         return False  # an older peft: its own loader
-    wait_for_a_quiet_moment(device)  # a short request in flight goes first (and again below)
     try:
         config = LoraConfig.from_pretrained(str(path))
         weights: dict[str, Any] = {}

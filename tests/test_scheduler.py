@@ -554,12 +554,15 @@ def test_remote_code_only_when_the_run_says_so_and_pulled_runs_only_when_allowed
 
 
 def test_old_weights_of_a_retrained_adapter_go_once_unused_without_holding_up_steps(
-        tiny_model_dir, tmp_path):
+        tiny_model_dir, tmp_path, monkeypatch):
     """A retrained run's adapter is re-attached while an answer with its old weights runs: that
     answer finishes with the old weights, the decode steps meanwhile never wait for the
     deletion (it takes the model exclusively only when it can run), then the old weights go."""
     import time
 
+    # the attach goes ahead at once (it would wait up to 0.5 s for the answer's passes to
+    # pause: on a fast machine the whole answer could end meanwhile)
+    monkeypatch.setattr(model_cache, "wait_for_a_quiet_moment", lambda *a, **k: 0.0)
     root = tmp_path / "runs"
     make_adapter(tiny_model_dir, root / "x", seed=11)
     reg = Registry(root, base_name=str(tiny_model_dir), base_path=tiny_model_dir)

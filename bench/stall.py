@@ -68,60 +68,47 @@ def measure(runs: Path, base: Path, repeats: int, long_tokens: int) -> dict:
         engine.chat("base", QUESTION, settings=greedy(n))
         return time.perf_counter() - t
 
+    def during(action, before_join=lambda: None) -> tuple[float, float]:
+        """A base request sent 50 ms after `action` starts in a thread: (its latency, how long
+        `action` took); `before_join` runs between the request and waiting for `action`."""
+        took: list[float] = []
+
+        def timed():
+            t = time.perf_counter()
+            action()
+            took.append(time.perf_counter() - t)
+
+        worker = threading.Thread(target=timed)
+        worker.start()
+        time.sleep(0.05)
+        latency = base_request()
+        before_join()
+        worker.join()
+        return latency, took[0]
+
     def beside_long(action=None) -> tuple[float, float | None]:
         """A base request while a0 writes a long answer (and `action` runs in a thread)."""
         long = engine.stream_turn("adapter:a0", QUESTION, settings=greedy(long_tokens),
                                   owner="long")
         next(iter(long))
-        took: list[float] = []
-        worker = None
-        if action is not None:
-            def timed():
-                t = time.perf_counter()
-                action()
-                took.append(time.perf_counter() - t)
 
-            worker = threading.Thread(target=timed)
-            worker.start()
-            time.sleep(0.05)
+        def end_long():
+            engine.cancel("long")
+            long.result()
+
+        if action is not None:
+            return during(action, end_long)
         latency = base_request()
-        engine.cancel("long")
-        long.result()
-        if worker is not None:
-            worker.join()
-        return latency, (took[0] if took else None)
+        end_long()
+        return latency, None
 
     def attach_alone(k: int) -> tuple[float, float]:
-        took: list[float] = []
-
-        def attach():
-            t = time.perf_counter()
-            engine.prepare(f"adapter:a{k}")
-            took.append(time.perf_counter() - t)
-
-        worker = threading.Thread(target=attach)
-        worker.start()
-        time.sleep(0.05)
-        latency = base_request()
-        worker.join()
-        return latency, took[0]
+        return during(lambda: engine.prepare(f"adapter:a{k}"))
 
     def during_load(k: int) -> tuple[float, float]:
         for weights in Run(runs / f"m{k}").merged_dir.glob("*.safetensors"):
             evict(weights)
-        took: list[float] = []
-
-        def load():
-            t = time.perf_counter()
-            engine.prepare(f"merged:m{k}")
-            took.append(time.perf_counter() - t)
-
-        worker = threading.Thread(target=load)
-        worker.start()
-        time.sleep(0.05)
-        latency = base_request()
-        worker.join()
-        return latency, took[0]
+        return during(lambda: engine.prepare(f"merged:m{k}"))
 
     for _ in range(3):  # warm-up
         base_request()

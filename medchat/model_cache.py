@@ -63,9 +63,10 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
 # `_in_the_background`); the default is 5 ms.
 BACKGROUND_SWITCH_INTERVAL = 0.0001
 # Keys of LoRA weights in a saved adapter: <module path>.<one of these>.weight (or .bias)
-_LORA_PART = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight$")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(?:lora_A|lora_B|lora_embedding_A|"
                        r"lora_embedding_B)(?:\.weight|\.bias)?$")
+# ... of a plain lora.Linear's two matrices: (module path, lora_A or lora_B)
+_LORA_PART = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight$")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -449,10 +450,10 @@ def _add_lora_weights(loaded: LoadedModel, path: Path, name: str,
             return False  # peft's loader explains what does not fit
         layers.append((layer, a, b))
     settings = dataclasses.replace(config, init_lora_weights=False, inference_mode=True)
+    wait_for_a_quiet_moment(device)  # a short request in flight goes first
     done = []
-
-    def add(chunk) -> None:
-        for layer, a, b in chunk:
+    try:  # beside the loops: only new entries, nothing routes to them yet
+        for layer, a, b in layers:
             # the dtype peft's loader gave the adapters already here (it keeps LoRA weights in
             # float32 beside a bf16 base: rounding them through bf16 would serve another adapter)
             dtype = next(iter(layer.lora_A.values())).weight.dtype
@@ -465,10 +466,6 @@ def _add_lora_weights(loaded: LoadedModel, path: Path, name: str,
                 weight.requires_grad_(False)
             for modules in (layer.lora_A, layer.lora_B, layer.lora_dropout):
                 modules[name].eval()
-
-    wait_for_a_quiet_moment(device)  # a short request in flight goes first
-    try:
-        add(layers)  # beside the loops: only new entries, nothing routes to them yet
     except Exception:
         for layer in done:  # take it out again
             layer.delete_adapter(name)

@@ -98,38 +98,6 @@ def test_concurrent_greedy_answers_equal_solo_runs_in_shared_steps(engine, runs,
     assert together == list(want.values()) * 2
 
 
-def test_a_request_joins_running_ones_between_steps(tiny_model_dir):
-    """At the loop itself: a short request joins a long one, finishes first, and both answers
-    equal their solo runs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from medchat.backend import Stream
-    from medchat.chat_format import prompt_ids
-    from medchat.scheduler import Job, ModelLoop
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    loop = ModelLoop(model, "cpu", "tiny")
-
-    def ask(question, n):  # no stop tokens: the answer runs to n tokens
-        settings = greedy(n)
-        stream = Stream("tiny", settings)
-        ids = prompt_ids(tok, [{"role": "user", "content": question}])
-        loop.submit(Job(stream, ids, None, settings, frozenset(), (), tok))
-        return stream
-
-    solo_long, solo_short = ask(QUESTIONS[0], 400).result(), ask(QUESTIONS[1], 5).result()
-    long = ask(QUESTIONS[0], 400)
-    next(iter(long))
-    short = ask(QUESTIONS[1], 5)
-    assert short.result() == solo_short and not long.done.is_set()  # it did not wait
-    assert long.result() == solo_long and long.new_tokens == 400
-    assert loop.stats["max_rows"] == 2 and loop.stats["steps"] < 3 * 400
-    # the short one was prefilled by a prefill thread while the long one kept decoding
-    assert loop.stats["helper_prefills"] == 1
-    loop.retire()
-
-
 def _tiny_loop(tiny_model_dir, **config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,6 +117,22 @@ def _tiny_loop(tiny_model_dir, **config):
         return stream
 
     return model, loop, ask
+
+
+def test_a_request_joins_running_ones_between_steps(tiny_model_dir):
+    """At the loop itself: a short request joins a long one, finishes first, and both answers
+    equal their solo runs."""
+    _, loop, ask = _tiny_loop(tiny_model_dir)  # no stop tokens: answers run to n tokens
+    solo_long, solo_short = ask(QUESTIONS[0], 400).result(), ask(QUESTIONS[1], 5).result()
+    long = ask(QUESTIONS[0], 400)
+    next(iter(long))
+    short = ask(QUESTIONS[1], 5)
+    assert short.result() == solo_short and not long.done.is_set()  # it did not wait
+    assert long.result() == solo_long and long.new_tokens == 400
+    assert loop.stats["max_rows"] == 2 and loop.stats["steps"] < 3 * 400
+    # the short one was prefilled by a prefill thread while the long one kept decoding
+    assert loop.stats["helper_prefills"] == 1
+    loop.retire()
 
 
 def test_without_prefill_threads_the_loop_prefills_between_its_steps(tiny_model_dir):

@@ -27,6 +27,12 @@ Targets (an OpenAI-compatible /v1 endpoint each; add one to TARGETS):
              left-padded batch of N rows (the same questions), `--max-new-tokens` tokens each
              (min_new_tokens too, so every row counts the same), TTFT = a 1-token generate of
              the same batch.
+  mixed      the second reference row, always measured: the same mix as the clients ask
+             (base, adapters, merged) with plain transformers + peft at their fastest: the
+             base and adapter rows in one batch through peft's mixed-batch `generate`
+             (`adapter_names`), the merged rows in another, the two on two threads at once; 1
+             row = the four models one after another. Its ratio is what batching with the
+             plain libraries gives this workload on this machine.
 A further target (vLLM behind the app, vLLM directly) is an `OpenAITarget` with the server's
 URL, a map from registry ids to the names it serves, and how to start and stop it.
 
@@ -276,7 +282,106 @@ class Generate:
                 "ttft_p95_steady": ttft, "mismatches": 0}
 
 
-def measure(targets: list[OpenAITarget], generate: Generate, registry: Registry,
+class MixedGenerate:
+    """The same mix with plain transformers + peft, as fast as they go: row i of a level to
+    model i mod 4 and question i mod 4 (what each client's first request asks); the base and
+    adapter rows in one left-padded batch through peft's mixed-batch `generate`
+    (`adapter_names`), the merged model's rows in another batch, the two batches on two
+    threads at once (as the app's two model loops run); 1 row: the four models one after
+    another (as one client asks them). No streaming, no HTTP, no scheduler: the ceiling of
+    the workload on this machine for an engine built on these libraries."""
+
+    name = "plain generate, the same mix (peft adapter batch + merged batch on two threads)"
+
+    def __init__(self, base: Path, registry: Registry, models: list[str], max_tokens: int):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(base)
+        ensure_chat_template(self.tok)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        self.routes: list[tuple[str, str | None]] = []  # per model: (group, adapter name)
+        peft = None
+        for i, model_id in enumerate(models):
+            entry = registry.get(model_id)
+            if entry.kind == "adapter":
+                name = f"a{i}"
+                if peft is None:
+                    peft = PeftModel.from_pretrained(model, str(entry.path), adapter_name=name)
+                else:
+                    peft.load_adapter(str(entry.path), adapter_name=name)
+                self.routes.append(("lora", name))
+            elif entry.kind == "merged":
+                self.merged = AutoModelForCausalLM.from_pretrained(
+                    entry.path, dtype=torch.float32).eval()
+                self.routes.append(("merged", None))
+            else:
+                self.routes.append(("lora", "__base__"))  # peft's name for "no adapter"
+        self.peft = peft.eval()
+        self.registry, self.models, self.max_tokens = registry, models, max_tokens
+
+    def _batch(self, rows: list[int]):
+        import torch
+
+        tok = self.tok
+        prompts = [prompt_ids(tok, messages_for(self.registry, self.models[i % 4],
+                                                QUESTIONS[i % 4])) for i in rows]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        return ids, mask
+
+    def _gen(self, group: str, rows: list[int], new: int) -> None:
+        import torch
+
+        ids, mask = self._batch(rows)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": new,
+                  "min_new_tokens": new, "do_sample": False,
+                  "pad_token_id": self.tok.pad_token_id}
+        with torch.inference_mode():
+            if group == "merged":
+                self.merged.generate(**kwargs)
+            else:
+                self.peft.generate(**kwargs,
+                                   adapter_names=[self.routes[i % 4][1] for i in rows])
+
+    def _together(self, n: int, new: int) -> float:
+        groups: dict[str, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(self.routes[i % 4][0], []).append(i)
+        workers = [threading.Thread(target=self._gen, args=(g, rows, new))
+                   for g, rows in groups.items()]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter() - t
+
+    def level(self, n: int) -> dict:
+        if n == 1:  # one client: the four models one after another
+            ttfts, wall = [], 0.0
+            for i in range(4):
+                self._gen(self.routes[i][0], [i], 2)  # warm-up
+                t = time.perf_counter()
+                self._gen(self.routes[i][0], [i], 1)
+                ttfts.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                self._gen(self.routes[i][0], [i], self.max_tokens)
+                wall += time.perf_counter() - t
+            return {"clients": 1, "requests": 4, "tokens": 4 * self.max_tokens, "wall": wall,
+                    "tps": 4 * self.max_tokens / wall, "ttft_median": statistics.median(ttfts),
+                    "ttft_p95": max(ttfts), "ttft_p95_steady": max(ttfts), "mismatches": 0}
+        self._together(n, 2)  # warm-up
+        ttft = self._together(n, 1)
+        wall = self._together(n, self.max_tokens)
+        return {"clients": n, "requests": n, "tokens": n * self.max_tokens, "wall": wall,
+                "tps": n * self.max_tokens / wall, "ttft_median": ttft, "ttft_p95": ttft,
+                "ttft_p95_steady": ttft, "mismatches": 0}
+
+
+def measure(targets: list[OpenAITarget], references: list, registry: Registry,
             models: list[str], levels: list[int], per_client: int,
             max_tokens: int) -> dict[str, list[dict]]:
     """Every level of every target, each next to a fresh 1-client run of the same target (this
@@ -314,16 +419,17 @@ def measure(targets: list[OpenAITarget], generate: Generate, registry: Registry,
         finally:
             target.stop()
         out[target.name] = [_median_row(singles)] + rows
-    singles, rows = [], []
-    for n in levels:
-        for m in ([1, n] if n != 1 else [1]):
-            stats = generate.level(m)
-            (singles if m == 1 else rows).append(stats)
-            if m != 1:
-                stats["baseline"] = singles[-1]
-            print(f"generate {m:>2} rows: {stats['tps']:.1f} tok/s, TTFT "
-                  f"{stats['ttft_p95'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
-    out[generate.name] = [_median_row(singles)] + rows
+    for reference in references:
+        singles, rows = [], []
+        for n in levels:
+            for m in ([1, n] if n != 1 else [1]):
+                stats = reference.level(m)
+                (singles if m == 1 else rows).append(stats)
+                if m != 1:
+                    stats["baseline"] = singles[-1]
+                print(f"{reference.name} {m:>2} rows: {stats['tps']:.1f} tok/s, TTFT "
+                      f"{stats['ttft_p95'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+        out[reference.name] = [_median_row(singles)] + rows
     return out
 
 
@@ -379,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         registry = Registry(runs, base_name=str(base), base_path=base)
         targets = [TARGETS[name](base, runs, max(levels), args.port, args.threads)
                    for name in args.targets.split(",")]
-        generate = Generate(base, registry, args.max_new_tokens)
-        results = list(measure(targets, generate, registry, models, levels,
+        references = [Generate(base, registry, args.max_new_tokens),
+                      MixedGenerate(base, registry, models, args.max_new_tokens)]
+        results = list(measure(targets, references, registry, models, levels,
                                args.requests_per_client, args.max_new_tokens).items())
         shutil.rmtree(runs, ignore_errors=True)
     cmd = "python bench/concurrency.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -51,7 +51,7 @@ from medchat import lora_routing
 from medchat.adapter_support import unsupported_reason
 from medchat.backend import BackendError
 from medchat.chat_format import ensure_chat_template
-from medchat.scheduler import ModelLoop, SchedulerConfig, wait_for_a_quiet_moment
+from medchat.scheduler import GiveWay, ModelLoop, SchedulerConfig, wait_for_a_quiet_moment
 
 log = logging.getLogger(__name__)
 
@@ -450,10 +450,12 @@ def _add_lora_weights(loaded: LoadedModel, path: Path, name: str,
             return False  # peft's loader explains what does not fit
         layers.append((layer, a, b))
     settings = dataclasses.replace(config, init_lora_weights=False, inference_mode=True)
-    wait_for_a_quiet_moment(device)  # a short request in flight goes first
+    give_way = GiveWay(device)
+    give_way.start()  # a short request in flight goes first
     done = []
     try:  # beside the loops: only new entries, nothing routes to them yet
         for layer, a, b in layers:
+            give_way.between()  # and one that arrives meanwhile (a layer: well under 1 ms)
             # the dtype peft's loader gave the adapters already here (it keeps LoRA weights in
             # float32 beside a bf16 base: rounding them through bf16 would serve another adapter)
             dtype = next(iter(layer.lora_A.values())).weight.dtype

@@ -51,7 +51,7 @@ from medchat import lora_routing
 from medchat.backend import GenerationSettings, Stream
 from medchat.sampling import Detokenizer, RowSampler, StopText
 
-__all__ = ["Job", "ModelLoop", "SchedulerConfig", "wait_for_a_quiet_moment"]
+__all__ = ["GiveWay", "Job", "ModelLoop", "SchedulerConfig", "wait_for_a_quiet_moment"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,16 @@ class _TakeTurns:
             self._last_pass = time.monotonic()
             self._cond.notify_all()
 
+    def wait_for_no_pass(self, until: float) -> None:
+        """Return once no forward pass runs or waits on this device, or at `until`
+        (time.monotonic()) at the latest."""
+        with self._cond:
+            while self._running or self._queue:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
     def quiet_for(self) -> float:
         """Seconds since the last forward pass on this device ended (0 while one runs or
         waits)."""
@@ -132,6 +142,30 @@ def wait_for_a_quiet_moment(device: str, quiet_s: float = 0.02, at_most_s: float
             break
         time.sleep(0.005)
     return time.monotonic() - start
+
+
+class GiveWay:
+    """Background work done in small pieces (attaching an adapter layer by layer) that gives
+    way to forward passes: `start()` waits for a quiet moment (wait_for_a_quiet_moment), and
+    `between()`, called between two pieces, waits while a pass runs or waits on the device,
+    so a request that arrives in the middle of the work has its passes run without sharing the
+    interpreter with the work. Both wait only within one budget (`at_most_s` from the start):
+    while answers run back to back (a long answer), the work goes on after that as it would
+    without giving way, and finishes at most `at_most_s` later."""
+
+    def __init__(self, device: str, at_most_s: float = 0.5, quiet_s: float = 0.02):
+        self.device, self.quiet_s = device, quiet_s
+        self.deadline = time.monotonic() + at_most_s
+
+    def start(self) -> float:
+        """Wait for a quiet moment within the budget; returns the seconds waited."""
+        return wait_for_a_quiet_moment(self.device, self.quiet_s,
+                                       max(0.0, self.deadline - time.monotonic()))
+
+    def between(self) -> None:
+        """Wait while a forward pass runs or waits on the device (within the budget)."""
+        if time.monotonic() < self.deadline:
+            _turns(self.device).wait_for_no_pass(self.deadline)
 
 
 @dataclass(frozen=True)

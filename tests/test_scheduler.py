@@ -546,7 +546,9 @@ def test_old_weights_of_a_retrained_adapter_go_once_unused_without_holding_up_st
 
     # the attach goes ahead at once (it would wait up to 0.5 s for the answer's passes to
     # pause: on a fast machine the whole answer could end meanwhile)
-    monkeypatch.setattr(model_cache, "wait_for_a_quiet_moment", lambda *a, **k: 0.0)
+    from medchat.scheduler import GiveWay
+
+    monkeypatch.setattr(model_cache, "GiveWay", lambda device: GiveWay(device, at_most_s=0.0))
     root = tmp_path / "runs"
     make_adapter(tiny_model_dir, root / "x", seed=11)
     reg = Registry(root, base_name=str(tiny_model_dir), base_path=tiny_model_dir)
@@ -603,3 +605,87 @@ def test_background_work_waits_for_a_quiet_moment_but_not_forever():
         # a short answer: until its passes stopped; a long one: no longer than at_most_s
         assert low <= waited < high, (answer_s, waited)
         worker.join()
+
+
+def _hold_a_pass(turns, seconds: float) -> threading.Event:
+    """A forward pass of `seconds` on `turns`' device in another thread; returns once it runs."""
+    import time
+
+    entered = threading.Event()
+
+    def run():
+        with turns:
+            entered.set()
+            time.sleep(seconds)
+
+    threading.Thread(target=run, daemon=True).start()
+    assert entered.wait(30)
+    return entered
+
+
+def test_background_work_gives_way_to_passes_between_its_pieces_within_its_budget():
+    """GiveWay.between() waits while a forward pass runs (a request that arrived during the
+    work goes first), returns at once when none does, and never waits past the budget."""
+    import time
+
+    from medchat.scheduler import GiveWay, _turns
+
+    turns = _turns("test-give-way")
+    turns.slots()
+    way = GiveWay("test-give-way", at_most_s=5.0)
+    t = time.monotonic()
+    way.between()
+    assert time.monotonic() - t < 0.05  # nothing runs: no wait
+    _hold_a_pass(turns, 0.3)
+    t = time.monotonic()
+    way.between()
+    assert 0.2 <= time.monotonic() - t < 2.0  # waited for the pass to end
+    short = GiveWay("test-give-way", at_most_s=0.2)
+    _hold_a_pass(turns, 1.0)
+    t = time.monotonic()
+    short.between()
+    assert time.monotonic() - t < 0.5  # a long pass: no longer than the budget
+    time.sleep(0.9)
+
+
+def test_an_attach_gives_way_to_a_pass_that_starts_between_its_layers(runs, tiny_model_dir,
+                                                                     monkeypatch):
+    """Adding an adapter layer by layer asks to give way before every layer; a pass that
+    starts in the middle runs before the next layer is added, and the adapter ends complete."""
+    import time
+
+    import torch
+
+    from medchat import lora_routing
+    from medchat.scheduler import GiveWay, _turns
+
+    calls, waits, during = [], [], []
+
+    class Recording(GiveWay):
+        def between(self):
+            calls.append(1)
+            if len(calls) == 3:  # a request arrives after two layers
+                _hold_a_pass(_turns(self.device), 0.3)
+                during.append(sum(len(layer.lora_A) == 2 for layer in layers()))
+            t = time.monotonic()
+            super().between()
+            waits.append(time.monotonic() - t)
+
+    monkeypatch.setattr(model_cache, "GiveWay", Recording)
+    cache = model_cache.ModelCache("cpu", torch.float32)
+    loaded = cache.get(tiny_model_dir)
+    cache.attach(loaded, "adapter:r0", runs["runs"] / "r0" / "adapter", label="r0",
+                 trained_on="tiny")
+    def layers():
+        from peft.tuners.lora import Linear
+
+        return [m for m in loaded.model.modules() if type(m) is Linear]
+
+    name = cache.attach(loaded, "adapter:r1", runs["runs"] / "r1" / "adapter", label="r1",
+                        trained_on="tiny")
+    assert len(calls) == len(layers()) > 3  # before every layer
+    assert during == [2]  # two layers had it when the pass started
+    assert waits[2] >= 0.2 and max(waits[:2] + waits[3:]) < 0.1  # waited for that pass only
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode(), lora_routing.use_adapter(name):
+        loaded.model(input_ids=ids)  # complete: every layer serves it

@@ -11,8 +11,7 @@ starts attaching a fresh adapter (r=16 on all linear layers) in a thread and sen
 request answering 2 tokens (greedy) 30, 40, ..., 80 ms later (the attach's layer loop runs from
 ~20 ms to ~80 ms after it starts on this machine; the offsets cycle so both sides see the same
 ones); trials alternate on / off. Measured: the request's latency over idle in decode steps
-(median and worst), and how long the attach took. Target (issue 11): within one decode step of
-idle.
+(median and worst), and how long the attach took. Target: within one decode step of idle.
 """
 
 from __future__ import annotations
@@ -31,14 +30,15 @@ from concurrency import RESULTS_HEADER  # this script's folder
 from stall import QUESTION
 from switch_latency import machine, make_runs, write_section
 
+from medchat import scheduler
+from medchat.base_model import resolve_base_model
+from medchat.engine import Engine, GenerationSettings
+from medchat.registry import Registry
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(base: Path, runs: Path, pairs: int) -> dict:
-    from medchat import scheduler
-    from medchat.engine import Engine, GenerationSettings
-    from medchat.registry import Registry
-
     names = make_runs(base, runs, 2 * pairs + 1)
     engine = Engine(Registry(runs, base_name=str(base), base_path=base), device="cpu")
     engine.load_base()
@@ -91,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "serving.md"))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from medchat.base_model import resolve_base_model
-
     base = resolve_base_model(args.base).path
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     if args.threads:

@@ -22,6 +22,7 @@ The page is built by small functions, one per part: `chat_tab`, `compare_tab`,
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -57,6 +58,8 @@ CSS = """
 REQUEST_ERRORS = (UnknownModelError, BackendError, SettingsError)
 EVAL_REPORT_CHARS = 200_000  # the most of a run's eval.md the Compare tab shows
 
+log = logging.getLogger(__name__)
+
 # pull(repo_id, revision=..., runs_dir=...) -> the run folder it wrote (hub.pull.pull with the
 # operator's choices of token and size cap bound in by the server)
 PullFunction = Callable[..., "str | os.PathLike"]
@@ -74,8 +77,13 @@ def _settings(max_new_tokens, temperature, top_p, repetition_penalty, seed,
 
 
 def _shown(e: BaseException | str) -> gr.Error:
-    """An error as a visitor sees it: its message without this machine's paths."""
-    return gr.Error(without_local_paths(str(e)))
+    """An error as a visitor sees it: its message without this machine's paths. The server's
+    log gets one line, not Gradio's traceback of this raise (which says nothing the message
+    does not, and would let a visitor fill the log with refused requests); failures inside a
+    generation are logged with their traceback where they happen."""
+    message = without_local_paths(str(e))
+    log.info("told a visitor: %s", message.splitlines()[0][:300] if message else "")
+    return gr.Error(message, print_exception=False)
 
 
 def _status(stream: Stream) -> str:
@@ -311,7 +319,7 @@ class Handlers:
         """The hub panel: pull a repo into the runs folder and select what it added."""
         repo_id, rev = (repo_id or "").strip(), (rev or "").strip() or None
         if not looks_like_repo_id(repo_id):
-            raise gr.Error(f"{repo_id!r} is not a Hub repo id; expected 'owner/name'")
+            raise _shown(f"{repo_id!r} is not a Hub repo id; expected 'owner/name'")
         try:
             run_dir = self.pull(repo_id, revision=rev, runs_dir=self.registry.runs_dir)
         except Exception as e:  # network, missing repo, not a medchat repo: tell the user

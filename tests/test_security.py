@@ -558,6 +558,7 @@ def test_oversized_inputs_are_refused_clearly_and_load_nothing(world):
         openai_error(v1(world, content=raw), 400)
 
     c = ui_client(world)
+    log_before = len(world.server_log())
     for kwargs, field_name in (
             (dict(message="x" * (MAX_MESSAGE + 1)), "message"),
             (dict(message="x" * 1_000_000), "message"),
@@ -568,6 +569,11 @@ def test_oversized_inputs_are_refused_clearly_and_load_nothing(world):
             (dict(max_new_tokens=10 ** 12), "max_new_tokens")):
         text, err = ui_chat(world, "base", client=c, **kwargs)
         assert text is None and field_name in err, (kwargs.keys(), err)
+    # the server's log: one line per refusal, no traceback a visitor could multiply
+    refusals = world.server_log()[log_before:]
+    assert "Traceback" not in refusals, refusals[:2000]
+    assert refusals.count("told a visitor:") >= 7, refusals[:2000]
+    assert max(map(len, refusals.splitlines())) < 600  # the million-character message: cut
     assert world.loaded() == loaded
     assert world.proc.poll() is None
     assert not world.leaks()

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import typing
 from contextlib import contextmanager
@@ -346,7 +347,10 @@ class Run:
         base = runs_root(runs_dir)
         if not base.is_dir():
             return []
-        return [cls(p) for p in sorted(base.iterdir()) if (p / MANIFEST_NAME).is_file()]
+        # hidden folders are never runs: a pull being written (or one a kill interrupted) is a
+        # `.name.*.partial` folder that may already hold a manifest
+        return [cls(p) for p in sorted(base.iterdir())
+                if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()]
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -560,18 +564,68 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def _writer_tag() -> str:
+    """Who writes a staged folder: this host and process, in the folder's name."""
+    host = re.sub(r"[^0-9A-Za-z-]", "-", os.uname().nodename if hasattr(os, "uname") else "")
+    return f"{host or 'host'}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
+def clear_stale_stages(target: str | os.PathLike) -> list[str]:
+    """Remove what killed writers of `target` left beside it: `.name.<host>-<pid>.*.partial`
+    folders of this host whose process is gone (a live writer's are kept), and the `.name.old`
+    of a replace that was interrupted (put back when `target` itself is missing, since the new
+    folder was then never checked complete). Returns what it did, one line each."""
+    target = Path(target)
+    done: list[str] = []
+    if not target.parent.is_dir():
+        return done
+    host = _writer_tag().rsplit("-", 1)[0]
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(.+)-(\d+)\.[^.]*\.partial$")
+    for p in target.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and m.group(1) == host and not _alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}, left by process {m.group(2)} (killed while "
+                        f"writing {target.name})")
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir():
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed {old.name}, left by an interrupted replace")
+        else:
+            os.replace(old, target)
+            done.append(f"put {target.name} back from {old.name} (a replace was interrupted "
+                        "before the new folder took its place)")
+    return done
+
+
 @contextmanager
 def staged_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `target`, on error it is removed.
 
     Used for every folder-sized output (adapter/, merged/, pulled repos) so that an interrupted
-    stage never leaves a half-written folder under the final name.
+    stage never leaves a half-written folder under the final name. What a process killed
+    mid-stage (SIGKILL, power loss) left is cleared the next time the same target is staged
+    (`clear_stale_stages`): the hidden partial folder names its host and process for that.
     """
     target = Path(target)
+    for line in clear_stale_stages(target):
+        print(f"{target.parent}: {line}", file=sys.stderr)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_writer_tag()}.", suffix=".partial",
+                                dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the final folder should look like any other
     try:
         yield tmp

@@ -9,7 +9,8 @@ import pytest
 
 from medchat.chat_format import Conversation
 from medchat.run_folder import (MANIFEST_NAME, SCHEMA_VERSION, BaseModelRef, ChatSpec, Manifest,
-                                ManifestError, ModelScores, Run, RunNotFoundError)
+                                ManifestError, ModelScores, Run, RunNotFoundError,
+                                clear_stale_stages, staged_dir)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -144,3 +145,84 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
     assert run.manifest_path.read_bytes() == before
     assert [p.name for p in run.path.iterdir()] == [MANIFEST_NAME]  # no temp file left
     shutil.rmtree(run.path)
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from medchat.run_folder import staged_dir
+with staged_dir(Path(sys.argv[1]), overwrite=True) as tmp:
+    (tmp / "weights.bin").write_bytes(b"half" * 1000)
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def _writer(target: Path):
+    """A process in the middle of staging `target` (its partial folder written, not moved)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], text=True,
+                            stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def _partials(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.*.partial"))
+
+
+def test_a_stage_killed_mid_write_is_cleared_by_the_next_one_and_a_live_one_is_not(
+        tmp_path, capsys):
+    """SIGKILL while a folder is staged leaves its hidden partial folder (nothing can run
+    then); the next stage of the same target removes it and says so, but never the partial
+    folder of a writer that is still running."""
+    import signal
+
+    target = tmp_path / "run" / "merged"
+    target.mkdir(parents=True)
+    (target / "weights.bin").write_bytes(b"old")
+    killed = _writer(target)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    assert len(_partials(target)) == 1 and (target / "weights.bin").read_bytes() == b"old"
+    with staged_dir(target, overwrite=True) as tmp:
+        (tmp / "weights.bin").write_bytes(b"new")
+    assert (target / "weights.bin").read_bytes() == b"new" and _partials(target) == []
+    assert f"left by process {killed.pid}" in capsys.readouterr().err
+    running = _writer(target)
+    try:
+        with staged_dir(target, overwrite=True) as tmp:
+            (tmp / "weights.bin").write_bytes(b"newer")
+        assert (target / "weights.bin").read_bytes() == b"newer"
+        left = _partials(target)
+        assert len(left) == 1 and f"-{running.pid}." in left[0].name  # the live writer's
+        assert clear_stale_stages(target) == []
+    finally:
+        running.kill()
+        running.wait(30)
+    assert clear_stale_stages(target) and _partials(target) == []
+
+
+def test_an_interrupted_replace_is_undone_or_finished(tmp_path):
+    """A kill between the two renames of a replace leaves `.name.old`: with the target gone it
+    is put back (the new folder was never checked complete), beside a target it is removed."""
+    target = tmp_path / "merged"
+    old = tmp_path / ".merged.old"
+    old.mkdir()
+    (old / "weights.bin").write_bytes(b"old")
+    assert "put merged back" in clear_stale_stages(target)[0]
+    assert (target / "weights.bin").read_bytes() == b"old" and not old.exists()
+    old.mkdir()
+    assert "removed .merged.old" in clear_stale_stages(target)[0]
+    assert not old.exists() and (target / "weights.bin").read_bytes() == b"old"
+
+
+def test_hidden_folders_are_never_runs(tmp_path):
+    """A pull being written (or cut by a kill) is a hidden partial folder that may already hold
+    a manifest: the runs list never shows it."""
+    for name in ("real", ".owner--repo.vm-1.abc.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MANIFEST_NAME).write_text("{}")
+    assert [r.name for r in Run.all(tmp_path)] == ["real"]

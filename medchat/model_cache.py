@@ -37,6 +37,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import re
 import sys
 import threading
@@ -296,6 +297,7 @@ class ModelCache:
 
         t0 = time.perf_counter()
         check_weight_files(Path(folder))
+        check_model_size(Path(folder), self.dtype, self.device, trust_remote_code)
         read_ahead(sorted(Path(folder).glob("*.safetensors")))
         wait_for_a_quiet_moment(self.device)
         try:
@@ -351,6 +353,63 @@ def check_weight_files(folder: Path) -> None:
                 raise BackendError(f"{index}: names the weight file {name!r:.120}, which is not "
                                    "a file of the model's own folder; only weights inside it "
                                    "are loaded")
+
+
+def check_model_size(folder: Path, dtype: Any, device: str = "cpu",
+                     trust_remote_code: bool = False) -> int:
+    """Refuse, before anything is allocated, a model whose config.json describes more
+    parameters than its weight files hold (the rest would be random weights, and a pulled
+    repo's few-kB config can describe a model that fills this machine's memory: the server
+    would be killed for it) or more than the device has free. The model is built on the meta
+    device (no memory; ~30 ms for SmolLM2-135M) to count its parameters; the files' tensor
+    sizes come from their headers. Returns the parameter count."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        params = sum(p.numel() for p in model.parameters())
+    except Exception as e:  # a pulled folder's config can make it raise anything
+        raise BackendError(f"{folder}: cannot load the model ({type(e).__name__}: "
+                           f"{_first_line(e)})") from e
+    held = 0
+    try:
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    held += math.prod(f.get_slice(key).get_shape())
+    except Exception as e:  # noqa: BLE001 - a broken file: the loader reports it
+        log.debug("%s: tensor sizes unread (%s)", folder, e)
+        held = None
+    quantized = getattr(config, "quantization_config", None) is not None  # packed: fewer
+    if held is not None and not quantized and held < params * 0.99:
+        raise BackendError(f"{folder}: cannot load the model: its config.json describes "
+                           f"{params:,} parameters but its weight files hold {held:,}; "
+                           "re-save the model (config and weights together)")
+    need = params * torch.empty((), dtype=dtype).element_size()
+    free = _free_memory(device)
+    if free is not None and need > free:
+        raise BackendError(f"{folder}: cannot load the model: it needs {need / 2**30:.1f} GiB "
+                           f"and {device} has {free / 2**30:.1f} GiB free; free memory (fewer "
+                           "cached models: --max-cached-models) or use a smaller model")
+    return params
+
+
+def _free_memory(device: str) -> int | None:
+    """Bytes free on `device` for a new model (None: unknown)."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - unknown: do not refuse on a guess
+        return None
 
 
 def check_adapter(path: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@ sampling, cancellation, stop tokens, history trimming, merged models and other b
 
 import dataclasses
 import io
+import json
 import shutil
 import threading
 import time
@@ -299,3 +300,30 @@ def test_one_tokenizer_load_serves_every_chat_template_on_the_same_files(tiny_mo
     assert other.apply_chat_template(messages, tokenize=False) == "<hi>"
     assert own.apply_chat_template(messages, tokenize=False) != "<hi>"
     assert own("hello there")["input_ids"] == other("hello there")["input_ids"]
+
+
+def test_a_model_is_sized_before_anything_is_allocated(tiny_model_dir, tmp_path, monkeypatch):
+    """check_model_size counts the config's parameters on the meta device: a config that
+    describes more than the weight files hold, or more than the device has free, is refused
+    with both numbers; the real model passes with its own count."""
+    import torch
+
+    from medchat import model_cache
+
+    params = model_cache.check_model_size(tiny_model_dir, torch.float32)
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert params == sum(p.numel() for p in real.parameters())
+    inflated = tmp_path / "inflated"
+    shutil.copytree(tiny_model_dir, inflated)
+    config = json.loads((inflated / "config.json").read_text())
+    config["num_hidden_layers"] = 400
+    (inflated / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackendError, match=rf"describes [\d,]+ parameters but its weight files "
+                                           rf"hold {params:,}"):
+        model_cache.check_model_size(inflated, torch.float32)
+    monkeypatch.setattr(model_cache, "_free_memory", lambda device: params * 3)
+    with pytest.raises(BackendError, match=r"needs 0\.\d GiB and cpu has 0\.\d GiB free"):
+        model_cache.check_model_size(tiny_model_dir, torch.float32)
+    assert model_cache.check_model_size(tiny_model_dir, torch.bfloat16) == params  # 2 bytes each

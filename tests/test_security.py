@@ -13,6 +13,7 @@ The loopback Hub (tests/support/fake_hub.py) holds the visitor's repos:
     test-user/bad-template     an adapter whose manifest's chat template does not compile
     test-user/bad-tokenizer    a full model whose tokenizer.json transformers cannot read
     test-user/bad-config       a full model whose config.json describes an impossible model
+    test-user/huge-config      a full model whose config.json describes one of 12 GB
     test-user/too-big          an adapter larger than the app's pull cap
 
 A "secret" tiny model with other weights sits outside the runs folder (if the server ever loaded
@@ -178,6 +179,10 @@ def hostile_repos(staging: Path, base_src: Path, secret: Path, sentinel: Path,
                      "tokenizer.json": b'{"added_tokens": 5}'}
     bad_config = {**{f.name: f for f in base_src.iterdir() if f.is_file()},
                   "config.json": json.dumps({**config, "hidden_size": -64}).encode()}
+    # the tiny model's weights under the config of a model of ~3 billion parameters (12 GB)
+    huge_config = {**{f.name: f for f in base_src.iterdir() if f.is_file()},
+                   "config.json": json.dumps({**config, "num_hidden_layers": 400,
+                                              "intermediate_size": 40_000}).encode()}
 
     big = staging / "extra.safetensors"
     big.write_bytes(os.urandom(3_000_000))  # the app pulls at most 2 MB (--hub-pull-max-gb)
@@ -198,6 +203,7 @@ def hostile_repos(staging: Path, base_src: Path, secret: Path, sentinel: Path,
                      chat={"template": "{% for m in messages %}{{ m.content }"}),
         (f"{DEFAULT_USER}/bad-tokenizer", bad_tokenizer),
         (f"{DEFAULT_USER}/bad-config", bad_config),
+        (f"{DEFAULT_USER}/huge-config", huge_config),
     ]
     repo, files = adapter_repo(f"{DEFAULT_USER}/too-big", BASE, name=BASE, hub_id=BASE)
     repos.append((repo, {**files, "extra.safetensors": big}))
@@ -483,7 +489,8 @@ def test_an_adapter_the_server_cannot_serve_is_refused_without_naming_its_folder
 
 def test_a_pulled_model_with_broken_files_is_refused_clearly(world):
     for model, what in (("merged:test-user--bad-tokenizer", "cannot load the tokenizer"),
-                        ("merged:test-user--bad-config", "cannot load the model")):
+                        ("merged:test-user--bad-config", "cannot load the model"),
+                        ("merged:test-user--huge-config", "weight files hold")):
         added(world, f"{DEFAULT_USER}/{model.split('--')[1]}")
         text, err = ui_chat(world, model)
         assert text is None and what in err, err

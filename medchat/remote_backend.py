@@ -124,20 +124,32 @@ def _same_id(registry: Registry, entry: ModelEntry) -> str | None:
     return entry.id
 
 
-def _vllm_sampling(s: GenerationSettings) -> dict:
+def _vllm_sampling(s: GenerationSettings, props: dict) -> dict:
     return {"repetition_penalty": s.repetition_penalty, "top_k": 0, "min_p": 0.0,
             "presence_penalty": 0.0, "frequency_penalty": 0.0, "skip_special_tokens": True,
             "include_stop_str_in_output": False}
 
 
-def _llama_sampling(s: GenerationSettings) -> dict:
+def _llama_sampling(s: GenerationSettings, props: dict) -> dict:
     # llama-server's own defaults (repeat_penalty 1.1 over the last 64 tokens, top_k 40,
-    # min_p 0.05) would change every answer: set each one to what medchat means
-    return {"repeat_penalty": s.repetition_penalty, "repeat_last_n": -1, "top_k": 0,
-            "min_p": 0.0, "typical_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    # min_p 0.05, or what the GGUF's sampling fields say) would change every answer: set each
+    # one to what medchat means. The penalty covers the whole sequence, as transformers'
+    # does: the server's context (/props), since it takes no -1 for "all" (400 since 2025).
+    out = {"repeat_penalty": s.repetition_penalty, "top_k": 0, "min_p": 0.0, "typical_p": 1.0,
+           "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    if props.get("n_ctx"):
+        out["repeat_last_n"] = int(props["n_ctx"])
+    return out
 
 
-def _medchat_sampling(s: GenerationSettings) -> dict:
+def _llama_props(data: Any) -> dict:
+    """What medchat needs from llama-server's /props: the context of a slot."""
+    settings = data.get("default_generation_settings") if isinstance(data, dict) else None
+    n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+    return {"n_ctx": n_ctx} if isinstance(n_ctx, int) and n_ctx > 0 else {}
+
+
+def _medchat_sampling(s: GenerationSettings, props: dict) -> dict:
     return {"repetition_penalty": s.repetition_penalty}
 
 
@@ -147,12 +159,14 @@ class Dialect:
 
     name: str
     served_name: Callable[[Registry, ModelEntry], str | None]  # None: not on this server
-    sampling: Callable[[GenerationSettings], dict]  # settings beyond OpenAI's fields
+    sampling: Callable[[GenerationSettings, dict], dict]  # settings beyond OpenAI's fields,
+    # given what `props` read from the server
     tokenize_path: str | None  # renders + tokenizes `messages` (vLLM's /tokenize shape)
     template_path: str | None  # renders `messages` to text (llama-server's /apply-template)
     load_adapter_path: str | None  # runtime LoRA loading
     stop_token_ids: bool  # takes `stop_token_ids` (the manifest's end-of-turn tokens)
     capabilities: Capabilities
+    props: tuple[str, Callable[[Any], dict]] | None = None  # (GET path, what to keep of it)
 
 
 DIALECTS = {
@@ -163,7 +177,8 @@ DIALECTS = {
     "llama-server": Dialect("llama-server", _vllm_name, _llama_sampling, None,
                             "/apply-template", None, False,
                             Capabilities(seeded_sampling=True, runtime_adapter_loading=False,
-                                         batched_decoding=True, token_counts=True)),
+                                         batched_decoding=True, token_counts=True),
+                            props=("/props", _llama_props)),
     "medchat": Dialect("medchat", _same_id, _medchat_sampling, "/tokenize", None, None, False,
                        Capabilities(seeded_sampling=True, runtime_adapter_loading=False,
                                     batched_decoding=True, token_counts=True)),
@@ -205,6 +220,7 @@ class RemoteBackend(Backend):
         self._http = httpx.Client(headers=headers, limits=pool, timeout=httpx.Timeout(
             timeout, read=None))  # an answer may take long to start: no read timeout
         self._served: dict[str, _Served] = {}
+        self._props: dict = {}  # what the dialect reads from the server (llama-server: n_ctx)
         self._local_ids: set[str] = set()
         self._unavailable: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -221,6 +237,15 @@ class RemoteBackend(Backend):
         try:
             names = self._server_models()
             self.connected = True
+            if self.dialect.props:
+                path, keep = self.dialect.props
+                try:
+                    self._props = keep(self._get(path))
+                except BackendError as e:  # answers go on with the server's own defaults
+                    log.warning("%s: %s; its defaults apply", path, e)
+                if not self._props:
+                    log.warning("%s%s: no context size; llama-server's repeat_last_n default "
+                                "applies", self.url, path)
         except BackendError as e:
             names = None
             self.connected = False
@@ -371,7 +396,7 @@ class RemoteBackend(Backend):
                 "stream_options": {"include_usage": True},
                 "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
                 "top_p": settings.top_p, "n": 1,
-                **self.dialect.sampling(settings)}
+                **self.dialect.sampling(settings, self._props)}
         if settings.temperature > 0:
             body["seed"] = settings.seed
         stop = list(dict.fromkeys(list(settings.stop) + served.stop_strings))

@@ -19,6 +19,7 @@ import json
 import subprocess
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 
@@ -39,23 +40,14 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from tests.support.export_runs import make_smollm2_run
-    from training.merge import merge_run
-
-    t0 = time.perf_counter()
-    binary = llama_server()  # built on first use
-    built = time.perf_counter() - t0
-    run = make_smollm2_run(tmp_path_factory.mktemp("served") / "smol-served")
-    merge_run(run, check_prompts=0, progress=False)
-    result = export_gguf(run, "f32", progress=False)
+@contextmanager
+def _llama_server(binary, gguf, log_dir, *args: str):
+    """llama-server on `gguf` (one thread, one slot) until the block ends; yields its URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    log_path = log_dir / f"server-{port}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(binary), "-m", str(result.folder / result.files[0].name),
-                                 "--jinja", "--host", "127.0.0.1", "--port", str(port),
-                                 "-c", "2048", "-np", "1", "-t", "1"],
+        proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1",
+                                 "--port", str(port), "-c", "2048", "-np", "1", "-t", "1", *args],
                                 stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     t1 = time.perf_counter()
@@ -72,15 +64,33 @@ def served(tmp_path_factory):
             if time.perf_counter() - t1 > 180:
                 pytest.fail(f"llama-server did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        ready = time.perf_counter() - t1
-        print(f"\nllama-server: found/built in {built:.0f} s, ready {ready:.1f} s after start")
-        yield run, result, url
+        print(f"\nllama-server ready {time.perf_counter() - t1:.1f} s after start")
+        yield url
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The export served with the template embedded in the GGUF (`--jinja`), named after the
+    run (`--alias`, as the README tells users to start it)."""
+    from tests.support.export_runs import make_smollm2_run
+    from training.merge import merge_run
+
+    t0 = time.perf_counter()
+    binary = llama_server()  # built on first use
+    print(f"\nllama-server: found/built in {time.perf_counter() - t0:.0f} s")
+    run = make_smollm2_run(tmp_path_factory.mktemp("served") / "smol-served")
+    merge_run(run, check_prompts=0, progress=False)
+    result = export_gguf(run, "f32", progress=False)
+    gguf = result.folder / result.files[0].name
+    logs = tmp_path_factory.mktemp("llama-server")
+    with _llama_server(binary, gguf, logs, "--jinja", "--alias", run.name) as url:
+        yield run, result, url, (binary, gguf, logs)
 
 
 def _medchat_answers(run, questions: list[str]) -> list[tuple[str, str, int]]:
@@ -112,7 +122,7 @@ def _medchat_answers(run, questions: list[str]) -> list[tuple[str, str, int]]:
 def test_llama_server_renders_and_tokenizes_the_prompt_like_the_run(served):
     from transformers import AutoTokenizer
 
-    run, _, url = served
+    run, _, url, _ = served
     manifest = run.manifest()
     tok = AutoTokenizer.from_pretrained(run.merged_dir)
     conv = [{"role": "system", "content": manifest.chat.system_prompt},
@@ -128,7 +138,7 @@ def test_llama_server_renders_and_tokenizes_the_prompt_like_the_run(served):
 def test_llama_server_answers_and_stops_like_medchat(served):
     from openai import OpenAI
 
-    run, result, url = served
+    run, result, url, _ = served
     manifest = run.manifest()
     stops = check_parameters(parse_modelfile((result.folder / "Modelfile").read_text()))["stop"]
     questions = [run.split_questions("test")[i] for i in QUESTIONS]
@@ -158,3 +168,64 @@ def test_llama_server_answers_and_stops_like_medchat(served):
         for got in served_answers[2 * i:2 * i + 2]:
             assert (got[0], got[1]) == (text, reason), (questions[i], got, text)
     assert [w[1] for w in want].count("stop") >= 2  # answers that end by themselves, not cut
+
+
+def test_the_llama_server_dialect_serves_the_run_through_medchat(served):
+    """medchat's `--dialect llama-server` backend against the real server: it finds the run's
+    model under its alias, checks the server's template rendering against the run's, answers
+    greedy exactly as medchat's own engine does (the run's repetition penalty over the whole
+    answer, every llama.cpp default overridden), streams, cancels, and leaves the models the
+    server does not hold to the in-process engine or reports them. A server rendering another
+    template is refused, with the reason."""
+    from medchat.backend import GenerationSettings
+    from medchat.base_model import DEFAULT_BASE_MODEL
+    from medchat.engine import Engine
+    from medchat.registry import Registry
+    from medchat.remote_backend import RemoteBackend
+    from tests.support.export_runs import smollm2_base
+
+    run, _, url, (binary, gguf, logs) = served
+    manifest = run.manifest()
+    reg = Registry(run.path.parent, base_name=DEFAULT_BASE_MODEL, base_path=smollm2_base())
+    local = Engine(reg, device="cpu")
+    backend = RemoteBackend(reg, url, dialect="llama-server", local=local)
+    adapter, merged = f"adapter:{run.name}", f"merged:{run.name}"
+    try:
+        problems = backend.connect()
+        assert [p.split(":")[0] for p in problems] == ["base"], problems  # not on this server
+        assert "does not serve 'base'" in problems[0]
+        assert set(backend.unavailable()) == {"base"}
+        questions = [run.split_questions("test")[i] for i in QUESTIONS[:2]]
+        greedy = GenerationSettings(max_new_tokens=MAX_TOKENS, temperature=0.0, top_p=1.0,
+                                    repetition_penalty=manifest.chat.generation.repetition_penalty)
+        want = _medchat_answers(run, questions)
+        for q, (text, reason, n) in zip(questions, want):
+            stream = backend.stream_turn(adapter, q, settings=greedy)
+            pieces = list(stream)
+            assert "".join(pieces) == stream.text == text, q
+            assert len(pieces) > 1 and stream.finish_reason == reason and stream.new_tokens == n
+        # the merged model stays in-process: the same answer from medchat's own engine
+        assert backend.chat(merged, questions[0], settings=greedy) == want[0][0]
+        # cancel: the stream ends at once, and the server answers the next request
+        long = backend.stream_turn(adapter, questions[1], settings=GenerationSettings(
+            max_new_tokens=1000, temperature=0.0, top_p=1.0, repetition_penalty=1.0),
+            owner="long")
+        next(iter(long))
+        t0 = time.perf_counter()
+        backend.cancel("long")
+        long.result()
+        assert long.finish_reason == "cancelled" and time.perf_counter() - t0 < 5
+        assert backend.chat(adapter, questions[0], settings=greedy) == want[0][0]
+    finally:
+        backend.close()
+    # the same GGUF with llama.cpp's built-in llama2 template: its prompts differ from the run's
+    with _llama_server(binary, gguf, logs, "--chat-template", "llama2",
+                       "--alias", run.name) as other:
+        refusing = RemoteBackend(reg, other, dialect="llama-server")
+        try:
+            problems = refusing.connect()
+            ours = [p for p in problems if p.startswith(adapter)]
+            assert ours and "renders" in ours[0] and "chat template" in ours[0], problems
+            assert adapter in refusing.unavailable()
+        finally:
+            refusing.close()

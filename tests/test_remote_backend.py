@@ -30,8 +30,9 @@ class FakeServer:
     /v1/chat/completions as scripted; records every request body."""
 
     def __init__(self, models: list[str], tokens=None, loadable: bool = True,
-                 words: int = 5, delay: float = 0.0):
+                 words: int = 5, delay: float = 0.0, props: dict | None = None):
         self.models, self.tokens, self.loadable = list(models), tokens, loadable
+        self.props = props
         self.words, self.delay = words, delay
         self.requests: list[tuple[str, dict]] = []
         self.disconnected = threading.Event()
@@ -53,6 +54,8 @@ class FakeServer:
                 if self.path == "/v1/models":
                     self._json(200, {"object": "list", "data": [
                         {"id": m, "object": "model"} for m in fake.models]})
+                elif self.path == "/props" and fake.props is not None:  # llama-server's
+                    self._json(200, fake.props)
                 else:
                     self._json(404, {"error": {"message": "no such path"}})
 
@@ -141,16 +144,28 @@ def test_vllm_dialect_sends_every_setting_and_maps_names(reg):
 
 
 def test_llama_server_dialect_overrides_its_sampling_defaults(reg):
-    server = FakeServer(["base", "r0", "r1"],
-                        tokens=lambda body: _render(reg, body["messages"]))
+    """Every llama.cpp default is overridden; the repetition penalty covers the server's whole
+    context, read from /props (llama-server refuses -1); without /props the server's own
+    window applies."""
+    server = FakeServer(["base", "r0", "r1"], tokens=lambda body: _render(reg, body["messages"]),
+                        props={"default_generation_settings": {"n_ctx": 4096}})
     b = RemoteBackend(reg, server.url, dialect="llama-server")
     try:
         assert b.connect() == []
         b.stream_turn("base", "Hello?", settings=SETTINGS).result()
         body = server.bodies("/v1/chat/completions")[-1]
-        assert body["repeat_penalty"] == 1.3 and body["repeat_last_n"] == -1
+        assert body["repeat_penalty"] == 1.3 and body["repeat_last_n"] == 4096
         assert (body["top_k"], body["min_p"], body["typical_p"]) == (0, 0.0, 1.0)
         assert "repetition_penalty" not in body
+    finally:
+        b.close()
+        server.close()
+    server = FakeServer(["base"], tokens=lambda body: _render(reg, body["messages"]))
+    b = RemoteBackend(reg, server.url, dialect="llama-server")
+    try:
+        b.connect()
+        b.stream_turn("base", "Hello?", settings=SETTINGS).result()
+        assert "repeat_last_n" not in server.bodies("/v1/chat/completions")[-1]
     finally:
         b.close()
         server.close()

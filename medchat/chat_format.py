@@ -81,9 +81,21 @@ def ensure_chat_template(tokenizer, template: str | None = None) -> str:
 
 
 def render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    """The conversation as text, by the tokenizer's chat template."""
+    """The conversation as text, by the tokenizer's chat template. A tokenizer marked with
+    `sandbox_templates` (a pulled run's: its template is someone else's program) renders in
+    medchat.template_sandbox's worker process instead, with a memory cap and a deadline."""
+    sandbox = getattr(tokenizer, "medchat_sandbox", None)
+    if sandbox is not None:
+        runner, folder, template = sandbox
+        return runner.render(folder, template, messages, generation_prompt)
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=generation_prompt)
+
+
+def sandbox_templates(tokenizer, runner, folder, template: str | None) -> None:
+    """Render `tokenizer`'s chat template (`template`, or the one in `folder`'s tokenizer files
+    when None) with `runner` (a medchat.template_sandbox.TemplateSandbox) from now on."""
+    tokenizer.medchat_sandbox = (runner, str(folder), template)
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:

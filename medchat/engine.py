@@ -109,7 +109,8 @@ class Engine(Backend):
             if wanted is None and entry.kind == "merged":
                 try:
                     self._cache.tokenizer(str(entry.path), entry.chat_template,
-                                          trust_remote_code=lambda e=entry: self._remote_code(e))
+                                          trust_remote_code=lambda e=entry: self._remote_code(e),
+                                          sandboxed=bool(entry.source))
                 except (BackendError, OSError, ValueError) as e:
                     problems.append(f"{entry.id}: {e}")
                     log.warning("%s: tokenizer not read: %s", entry.id, e)
@@ -238,7 +239,8 @@ class Engine(Backend):
                                          trained_on=entry.base.hub_id or entry.base.name)
         tok_folder = str(entry.path) if entry.kind == "merged" else loaded.key
         tok = self._cache.tokenizer(tok_folder, entry.chat_template,
-                                    trust_remote_code=lambda: self._remote_code(entry))
+                                    trust_remote_code=lambda: self._remote_code(entry),
+                                    sandboxed=bool(entry.source))  # a pulled run's template
         return loaded, adapter, tok
 
     # -- generation ------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ from typing import Any, Callable, Iterable, Iterator
 from medchat import lora_routing
 from medchat.adapter_support import unsupported_reason
 from medchat.backend import BackendError
-from medchat.chat_format import ensure_chat_template
+from medchat import template_sandbox
+from medchat.chat_format import ensure_chat_template, sandbox_templates
 from medchat.scheduler import GiveWay, ModelLoop, SchedulerConfig, wait_for_a_quiet_moment
 
 log = logging.getLogger(__name__)
@@ -229,19 +230,21 @@ class ModelCache:
             return name
 
     def tokenizer(self, folder: str | Path, template: str | None,
-                  trust_remote_code: bool | Callable[[], bool] = False) -> Any:
+                  trust_remote_code: bool | Callable[[], bool] = False,
+                  sandboxed: bool = False) -> Any:
         """The tokenizer of `folder` with `template` (a run's) as its chat template, cached;
         folders whose tokenizer files are identical (a merged model and its base, say) share
         one load, whatever chat template each run puts on top (a shallow copy per template,
         sharing the parsed vocabulary): loading one holds the interpreter for 0.1-0.4 s here
         (the tokenizers library and a JSON parse of tokenizer.json, neither releasing the GIL),
-        which would stall every decode loop."""
+        which would stall every decode loop. `sandboxed`: the chat template is someone
+        else's (a pulled run's): it renders in medchat.template_sandbox's worker process."""
         import copy
 
         from transformers import AutoTokenizer
 
         files = self._tokenizer_files(Path(folder))
-        key = (files, template)
+        key = (files, template, sandboxed)
         with self._tok_lock:
             tok = self._tokenizers.get(key)
             loaded = self._tok_loaded.get(files)
@@ -261,6 +264,8 @@ class ModelCache:
                 loaded = self._tok_loaded.setdefault(files, loaded)
         tok = copy.copy(loaded)  # its own chat template; the vocabulary and settings shared
         ensure_chat_template(tok, template)
+        if sandboxed:
+            sandbox_templates(tok, template_sandbox.shared(), folder, template)
         with self._tok_lock:
             return self._tokenizers.setdefault(key, tok)
 

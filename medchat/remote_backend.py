@@ -41,10 +41,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from medchat import template_sandbox
 from medchat.backend import (Backend, BackendError, Capabilities, ChatRequest,
                              GenerationSettings, Limits, ModelUnavailableError, Stream)
 from medchat.base_model import BaseModelError, resolve_ref
-from medchat.chat_format import ensure_chat_template, prompt_ids, stop_token_ids
+from medchat.chat_format import (ensure_chat_template, prompt_ids, render,
+                                  sandbox_templates, stop_token_ids)
 from medchat.registry import ModelEntry, Registry
 from medchat.vllm import BASE_SERVED_NAME
 
@@ -76,7 +78,7 @@ def tokenizer_folder(registry: Registry, entry: ModelEntry) -> Path:
 
 
 @lru_cache(maxsize=32)
-def _tokenizer(folder: str, template: str | None):
+def _tokenizer(folder: str, template: str | None, sandboxed: bool = False):
     # transformers is imported in functions: importing this module stays cheap
     from transformers import AutoTokenizer
 
@@ -87,12 +89,15 @@ def _tokenizer(folder: str, template: str | None):
         raise BackendError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: "
                            f"{first})") from e
     ensure_chat_template(tok, template)
+    if sandboxed:  # a pulled run's template: rendered in the sandbox's worker process
+        sandbox_templates(tok, template_sandbox.shared(), folder, template)
     return tok
 
 
 def entry_tokenizer(registry: Registry, entry: ModelEntry):
     """The tokenizer, with the run's chat template, that `entry`'s prompts are rendered with."""
-    return _tokenizer(str(tokenizer_folder(registry, entry)), entry.chat_template)
+    return _tokenizer(str(tokenizer_folder(registry, entry)), entry.chat_template,
+                      bool(entry.source))
 
 
 def with_system(entry: ModelEntry, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -352,7 +357,7 @@ class RemoteBackend(Backend):
         elif self.dialect.template_path:
             got = self._call("POST", self.dialect.template_path, {"messages": messages})
             theirs = got.get("prompt") if isinstance(got, dict) else None
-            ours = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ours = render(tok, messages, generation_prompt=True)
             if theirs != ours:
                 raise BackendError(f"the server renders {name!r}'s prompts differently from the "
                                    "run's manifest; start it with the run's chat template")

@@ -11,6 +11,8 @@ The loopback Hub (tests/support/fake_hub.py) holds the visitor's repos:
     test-user/shard-escape     a full model whose safetensors index names files outside it
     test-user/dora             an adapter the server cannot serve (DoRA)
     test-user/bad-template     an adapter whose manifest's chat template does not compile
+    test-user/bomb-template    an adapter whose chat template writes 2 GB
+    test-user/loop-template    an adapter whose chat template never ends
     test-user/bad-tokenizer    a full model whose tokenizer.json transformers cannot read
     test-user/bad-config       a full model whose config.json describes an impossible model
     test-user/huge-config      a full model whose config.json describes one of 12 GB
@@ -201,6 +203,11 @@ def hostile_repos(staging: Path, base_src: Path, secret: Path, sentinel: Path,
                      hub_id=BASE),
         adapter_repo(f"{DEFAULT_USER}/bad-template", BASE, name=BASE, hub_id=BASE,
                      chat={"template": "{% for m in messages %}{{ m.content }"}),
+        adapter_repo(f"{DEFAULT_USER}/bomb-template", BASE, name=BASE, hub_id=BASE,
+                     chat={"template": "{{ 'a' * 2000000000 }}"}),
+        adapter_repo(f"{DEFAULT_USER}/loop-template", BASE, name=BASE, hub_id=BASE,
+                     chat={"template": "{% for i in range(100000) %}{% for j in range(100000) %}"
+                                       "{% endfor %}{% endfor %}"}),
         (f"{DEFAULT_USER}/bad-tokenizer", bad_tokenizer),
         (f"{DEFAULT_USER}/bad-config", bad_config),
         (f"{DEFAULT_USER}/huge-config", huge_config),
@@ -510,6 +517,29 @@ def test_a_pulled_model_with_broken_files_is_refused_clearly(world):
            path="/tokenize")
     openai_error(r, r.status_code)
     assert r.status_code in (400, 500)
+    assert world.proc.poll() is None
+    assert not world.leaks()
+
+
+def test_a_pulled_template_cannot_exhaust_the_server(world):
+    """A pulled run's chat template is someone else's program: one that writes 2 GB or loops
+    for ever renders in a worker process with a memory cap and a deadline, so the request is
+    refused clearly while the server's memory stays put and other requests are answered."""
+    import psutil
+
+    server = psutil.Process(world.proc.pid)
+    rss = server.memory_info().rss
+    for repo, says in (("bomb-template", "memory"), ("loop-template", "took more than")):
+        added(world, f"{DEFAULT_USER}/{repo}")
+        model = f"adapter:test-user--{repo}"
+        t0 = time.monotonic()
+        text, err = ui_chat(world, model)
+        assert text is None and says in err, err
+        text, r = v1_chat(world, model)
+        assert text is None and says in openai_error(r, r.status_code)["message"]
+        assert time.monotonic() - t0 < 60
+    assert server.memory_info().rss < rss + 500 * 2**20  # never the 2 GB
+    assert ui_chat(world, "base")[0] == world.before["ui"]
     assert world.proc.poll() is None
     assert not world.leaks()
 

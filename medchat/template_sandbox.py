@@ -44,7 +44,8 @@ DEFAULT_MAX_CHARS = 2_000_000  # far beyond any prompt the request limits let th
 
 class TemplateSandbox:
     """A worker process rendering untrusted chat templates (see the module docstring).
-    Thread-safe: renders take turns (one takes ~1 ms)."""
+    Thread-safe: renders take turns (one took 0.16 ms for an 11-message SmolLM2 conversation,
+    0.07 ms in-process; a worker's start ~3 s)."""
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int = DEFAULT_MEMORY_MB,
                  max_chars: int = DEFAULT_MAX_CHARS):

@@ -265,7 +265,9 @@ class ModelCache:
         tok = copy.copy(loaded)  # its own chat template; the vocabulary and settings shared
         ensure_chat_template(tok, template)
         if sandboxed:
-            sandbox_templates(tok, template_sandbox.shared(), folder, template)
+            runner = template_sandbox.shared()
+            runner.warm()  # a process start: its imports run beside this one
+            sandbox_templates(tok, runner, folder, template)
         with self._tok_lock:
             return self._tokenizers.setdefault(key, tok)
 

@@ -84,6 +84,12 @@ class TemplateSandbox:
                                f"{answer['error']}")
         return answer["text"]
 
+    def warm(self) -> None:
+        """Start the worker now (it imports transformers in its own process, ~3 s), so that the
+        first render does not wait for it."""
+        with self._lock:
+            self._worker()
+
     def close(self) -> None:
         with self._lock:
             self._stop()

@@ -44,7 +44,6 @@ their answers differ) and the first one merged with peft, all on the real base m
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -59,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from switch_latency import machine, make_runs, wait_for_app, write_section  # this script's folder
+from switch_latency import (make_runs, publish, start_run,  # this script's folder
+                            wait_for_app)
 
 from medchat.base_model import DEFAULT_BASE_MODEL, resolve_base_model
 from medchat.chat_format import ensure_chat_template, prompt_ids
@@ -472,12 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     levels = [int(x) for x in args.clients.split(",")]
     base = resolve_base_model(args.base).path
-    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    host = machine()
+    run = start_run(args.threads)
     with tempfile.TemporaryDirectory(prefix="medchat-concurrency-") as tmp:
         runs = Path(tmp) / "runs"
         runs.mkdir()
@@ -490,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
         results = list(measure(targets, references, registry, models, levels,
                                args.requests_per_client, args.max_new_tokens).items())
         shutil.rmtree(runs, ignore_errors=True)
-    cmd = "python bench/concurrency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "## Concurrent clients: batched decoding vs plain generate",
         "",
@@ -510,10 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, rows in results:
         lines += table(name, rows)
-    lines += ["", f"Run {started}. Machine: {host}.", "", f"Command: `{cmd.strip()}`"]
-    text = "\n".join(lines)
-    print(text)
-    write_section(Path(args.results), "concurrency", text, RESULTS_HEADER)
+    publish(lines, run, "concurrency.py", argv, Path(args.results), "concurrency",
+            RESULTS_HEADER)
     return 0
 
 

@@ -17,10 +17,8 @@ ones); trials alternate on / off. Measured: the request's latency over idle in d
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 
 from concurrency import RESULTS_HEADER  # this script's folder
 from stall import QUESTION
-from switch_latency import machine, make_runs, write_section
+from switch_latency import make_runs, publish, start_run
 
 from medchat import scheduler
 from medchat.base_model import resolve_base_model
@@ -92,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base = resolve_base_model(args.base).path
-    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    host = machine()
+    run = start_run(args.threads)
     with tempfile.TemporaryDirectory(prefix="medchat-give-way-") as tmp:
         runs = Path(tmp) / "runs"
         runs.mkdir()
@@ -129,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {side} | {steps(statistics.median(latencies))} | {steps(max(latencies))} | "
             f"{over} of {len(latencies)} | {' '.join(steps(x) for x in latencies)} | "
             f"{statistics.median(took) * 1e3:.0f} ms |")
-    cmd = "python bench/give_way.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines += ["", f"Run {started}. Machine: {host}.", "", f"Command: `{cmd.strip()}`"]
-    text = "\n".join(lines)
-    print(text)
-    write_section(Path(args.results), "give_way", text, RESULTS_HEADER)
+    publish(lines, run, "give_way.py", argv, Path(args.results), "give_way", RESULTS_HEADER)
     return 0
 
 

@@ -26,7 +26,6 @@ Target: during attach and during load within one decode step of idle. Medians of
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 from concurrency import RESULTS_HEADER  # this script's folder
-from switch_latency import machine, make_runs, write_section
+from switch_latency import make_runs, publish, start_run
 
 # In the child process PYTHONPATH puts the tree under test first, so these are its modules.
 import medchat
@@ -215,12 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base = resolve_base_model(args.base).path
-    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    host = machine()
+    run = start_run(args.threads)
     versions = [(f"before ({args.before})", worktree(args.before)), ("after (working tree)", ROOT)]
     results = []
     with tempfile.TemporaryDirectory(prefix="medchat-stall-") as tmp:
@@ -233,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"beside {r['beside'] * 1e3:.0f} ms, attach {r['attach'] * 1e3:.0f} ms "
                   f"(took {r['attach_took']:.2f} s), load {r['load'] * 1e3:.0f} ms "
                   f"(took {r['load_took']:.2f} s)", file=sys.stderr, flush=True)
-    cmd = "python bench/stall.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def over(value: float, r: dict) -> str:
         return f"{value * 1e3:.0f} ms ({(value - r['idle']) / r['step']:+.1f} steps)"
@@ -259,10 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{over(r['beside'], r)} | {over(r['attach'], r)} | "
                      f"{r['attach_took']:.2f} s | {over(r['alone'], r)} | {over(r['load'], r)} | "
                      f"{r['load_took']:.2f} s |")
-    lines += ["", f"Run {started}. Machine: {host}.", "", f"Command: `{cmd.strip()}`"]
-    text = "\n".join(lines)
-    print(text)
-    write_section(Path(args.results), "stall", text, RESULTS_HEADER)
+    publish(lines, run, "stall.py", argv, Path(args.results), "stall", RESULTS_HEADER)
     return 0
 
 

@@ -27,6 +27,7 @@ warm-up load runs first).
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import socket
@@ -210,6 +211,29 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
             f"(torch threads {torch.get_num_threads()}), torch {torch.__version__}, "
             f"load average {os.getloadavg()[0]:.1f} at start")
+
+
+def start_run(threads: int | None) -> tuple[str, str]:
+    """Set torch's threads (when given) and return (when the run starts, `machine()`), for
+    the report's last lines (`publish`)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), machine()
+
+
+def publish(lines: list[str], run: tuple[str, str], script: str, argv: list[str] | None,
+            results: Path, key: str, header: str) -> str:
+    """End a report with when, where and the command that made it; print it and write it as
+    section `key` of `results`. `run` is what `start_run` returned."""
+    started, host = run
+    cmd = f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join(lines + ["", f"Run {started}. Machine: {host}.", "",
+                              f"Command: `{cmd.strip()}`"])
+    print(text)
+    write_section(results, key, text, header)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,10 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from medchat import lora_routing
+from medchat import lora_routing, template_sandbox
 from medchat.adapter_support import unsupported_reason
 from medchat.backend import BackendError
-from medchat import template_sandbox
 from medchat.chat_format import ensure_chat_template, sandbox_templates
 from medchat.scheduler import GiveWay, ModelLoop, SchedulerConfig, wait_for_a_quiet_moment
 
@@ -125,7 +124,8 @@ class ModelCache:
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # LRU order
         self._lock = threading.Lock()  # the dictionaries only; never held during a load
         self._folder_locks: dict[str, threading.Lock] = {}  # one load of a folder at a time
-        self._tokenizers: dict[tuple[str, str | None], Any] = {}  # (files digest, template)
+        # (files digest, template, rendered in the template sandbox) -> tokenizer
+        self._tokenizers: dict[tuple[str, str | None, bool], Any] = {}
         self._tok_loaded: dict[str, Any] = {}  # files digest -> as loaded (its own template)
         self._tok_digests: dict[tuple, str] = {}  # tokenizer files (path, mtime, size) -> digest
         self._tok_lock = threading.Lock()

@@ -248,9 +248,10 @@ class RemoteBackend(Backend):
                     self._props = keep(self._get(path))
                 except BackendError as e:  # answers go on with the server's own defaults
                     log.warning("%s: %s; its defaults apply", path, e)
-                if not self._props:
-                    log.warning("%s%s: no context size; llama-server's repeat_last_n default "
-                                "applies", self.url, path)
+                else:
+                    if not self._props:
+                        log.warning("%s%s: no context size; llama-server's repeat_last_n "
+                                    "default applies", self.url, path)
         except BackendError as e:
             names = None
             self.connected = False

@@ -564,10 +564,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def _host() -> str:
+    """This machine's name as it can stand in a folder name."""
+    host = re.sub(r"[^0-9A-Za-z-]", "-", os.uname().nodename if hasattr(os, "uname") else "")
+    return host or "host"
+
+
 def _writer_tag() -> str:
     """Who writes a staged folder: this host and process, in the folder's name."""
-    host = re.sub(r"[^0-9A-Za-z-]", "-", os.uname().nodename if hasattr(os, "uname") else "")
-    return f"{host or 'host'}-{os.getpid()}"
+    return f"{_host()}-{os.getpid()}"
+
+
+def _replaced(target: Path) -> Path:
+    """Where `staged_dir` moves the folder it replaces, until the new one is in place."""
+    return target.with_name(f".{target.name}.old")
 
 
 def _alive(pid: int) -> bool:
@@ -589,7 +599,7 @@ def clear_stale_stages(target: str | os.PathLike) -> list[str]:
     done: list[str] = []
     if not target.parent.is_dir():
         return done
-    host = _writer_tag().rsplit("-", 1)[0]
+    host = _host()
     pattern = re.compile(re.escape(f".{target.name}.") + r"(.+)-(\d+)\.[^.]*\.partial$")
     for p in target.parent.iterdir():
         m = pattern.match(p.name)
@@ -597,7 +607,7 @@ def clear_stale_stages(target: str | os.PathLike) -> list[str]:
             shutil.rmtree(p, ignore_errors=True)
             done.append(f"removed {p.name}, left by process {m.group(2)} (killed while "
                         f"writing {target.name})")
-    old = target.with_name(f".{target.name}.old")
+    old = _replaced(target)
     if old.is_dir():
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -630,7 +640,7 @@ def staged_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     try:
         yield tmp
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
+            old = _replaced(target)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)

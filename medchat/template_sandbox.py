@@ -53,6 +53,7 @@ class TemplateSandbox:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._buffer = b""
+        self._fresh = False  # the worker was just started: its first answer waits for imports
 
     def render(self, folder: str | os.PathLike, template: str | None,
                messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
@@ -95,8 +96,6 @@ class TemplateSandbox:
             self._stop()
 
     # -- the worker ------------------------------------------------------------------------------
-
-    _fresh = False
 
     def _worker(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
